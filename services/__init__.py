@@ -1,0 +1,1 @@
+"""Synapse: distributed GPT-2 inference across browsers and native nodes."""

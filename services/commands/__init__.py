@@ -1,0 +1,1 @@
+"""Subcommands of the `synapse` command, one module each (HELP, add_arguments, run)."""

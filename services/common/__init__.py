@@ -1,0 +1,1 @@
+"""What every Synapse service shares: settings, logging, metrics, gRPC plumbing, errors, model math."""

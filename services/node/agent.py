@@ -1,0 +1,182 @@
+"""The native node's life: connect to a gateway, say hello, load assigned shards, serve steps, reconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import ssl
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from services.common import syn1
+from services.common.errors import SynapseError
+from services.common.gpt2.model import GPT2Stage
+from services.gateway import control
+from services.node.settings import NodeSettings
+from services.node.shard_store import ShardStore
+from services.node.worker import StageWorker
+from services.sharder.shards import read_shard
+
+log = logging.getLogger(__name__)
+
+
+class NodeAgent:
+    def __init__(self, settings: NodeSettings, *, node_id: str, device: torch.device, dtype: torch.dtype,
+                 memory_bytes: int, speed: float) -> None:
+        self.settings = settings
+        self.node_id, self.device, self.dtype = node_id, device, dtype
+        self.memory_bytes, self.speed = memory_bytes, speed
+        self.ssl_context = _ssl_context(settings) if settings.gateway_url.startswith("wss://") else None
+        self.store = ShardStore(settings.cache_dir, self.ssl_context)
+        self.worker: StageWorker | None = None
+        self.loaded_sha256 = ""
+        # One compute thread: steps run in order; torch uses its own intra-op threads inside.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
+        self.connected = asyncio.Event()
+
+    async def run_forever(self) -> None:
+        """Stay connected; after a drop, retry with exponential backoff and jitter."""
+        delay = self.settings.reconnect_min_s
+        while True:
+            try:
+                async with connect(self.settings.gateway_url, ssl=self.ssl_context, max_size=None,
+                                   compression=None, open_timeout=10) as websocket:
+                    delay = self.settings.reconnect_min_s
+                    await self._session(websocket)
+            except (OSError, ConnectionClosed, InvalidHandshake, TimeoutError) as error:
+                log.warning("gateway_unreachable", extra={"url": self.settings.gateway_url, "error": str(error),
+                                                          "retry_s": round(delay, 2)})
+            except InvalidURI as error:
+                raise SynapseError(f"bad gateway URL: {error}") from None
+            finally:
+                self.connected.clear()
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, self.settings.reconnect_max_s)
+
+    async def _session(self, websocket: ClientConnection) -> None:
+        hello = control.Hello(kind="hello", node_id=self.node_id, node_kind="native", device=str(self.device),
+                              memory_bytes=self.memory_bytes, speed=self.speed)
+        await websocket.send(control.dump(hello))
+        welcome = json.loads(await asyncio.wait_for(websocket.recv(), 10))
+        if welcome.get("kind") != "welcome":
+            raise SynapseError(f"gateway refused this node: {welcome.get('message', welcome)}")
+        log.info("gateway_joined", extra={"gateway": welcome.get("gateway_id"), "node": self.node_id})
+        self.connected.set()
+        if self.worker is not None:  # a new session: request ids of the old one mean nothing now
+            self.worker.release_all()
+        steps: asyncio.Queue[bytes] = asyncio.Queue()
+        tasks = [asyncio.create_task(self._compute(websocket, steps)),
+                 asyncio.create_task(self._sweep_idle())]
+        try:
+            async for message in websocket:
+                if isinstance(message, bytes):
+                    steps.put_nowait(message)
+                else:
+                    await self._control(websocket, json.loads(message))
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _control(self, websocket: ClientConnection, message: dict) -> None:
+        kind = message.get("kind")
+        if kind == "assign":
+            assign = control.Assign.model_validate(message)
+            asyncio.create_task(self._load(websocket, assign))
+        elif kind == "release" and self.worker is not None:
+            self.worker.release(list(message.get("request_ids", [])))
+        elif kind == "error":
+            log.warning("gateway_error", extra={"message": message.get("message")})
+
+    async def _load(self, websocket: ClientConnection, assign: control.Assign) -> None:
+        try:
+            if assign.sha256 != self.loaded_sha256:
+                async def progress(done: int, total: int) -> None:
+                    await websocket.send(control.dump(control.Progress(
+                        kind="progress", shard_id=assign.shard_id, done_bytes=done, total_bytes=total)))
+
+                manifest, folder = await self.store.fetch(assign.manifest_url, assign.shard_url, assign.sha256,
+                                                          progress)
+                stage = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, self._build_stage, manifest, folder)
+                self.worker = StageWorker(stage, top_k=assign.top_k, activation_dtype=assign.activation_dtype,
+                                          max_batch=self.settings.max_batch)
+                self.loaded_sha256 = assign.sha256
+            await websocket.send(control.dump(control.Ready(kind="ready", shard_id=assign.shard_id,
+                                                            layers=assign.layers)))
+            log.info("shard_loaded", extra={"shard": assign.shard_id, "layers": list(assign.layers)})
+        except SynapseError as error:
+            log.error("shard_load_failed", extra={"shard": assign.shard_id, "error": str(error)})
+            with contextlib.suppress(ConnectionClosed):
+                await websocket.send(control.dump(control.Error(kind="error", message=str(error))))
+
+    def _build_stage(self, manifest, folder) -> GPT2Stage:  # noqa: ANN001 - runs in the executor
+        tensors = read_shard(manifest, folder)
+        return GPT2Stage.from_tensors(manifest.config, manifest.layer_start, manifest.layer_end, tensors,
+                                      dtype=self.dtype, device=self.device)
+
+    async def _compute(self, websocket: ClientConnection, steps: asyncio.Queue[bytes]) -> None:
+        """Take every step waiting, run them as one batch, answer each in arrival order."""
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [(await steps.get(), time.perf_counter())]
+            while not steps.empty() and len(batch) < self.settings.max_batch:
+                batch.append((steps.get_nowait(), time.perf_counter()))
+            try:
+                replies = await loop.run_in_executor(self.executor, self._run_batch, batch)
+            except SynapseError:
+                # One bad step must not fail the others: run them one by one, answering each.
+                replies = [await loop.run_in_executor(self.executor, self._run_alone, step) for step in batch]
+            for reply in replies:
+                await websocket.send(reply)
+
+    def _run_alone(self, step: tuple[bytes, float]) -> bytes | str:
+        try:
+            return self._run_batch([step])[0]
+        except SynapseError as error:
+            log.warning("step_failed", extra={"error": str(error)})
+            return control.dump(control.StepFailed(message=str(error)))
+
+    def _run_batch(self, batch: list[tuple[bytes, float]]) -> list[bytes]:
+        started = time.perf_counter()
+        decoded = [syn1.decode_frames(message) for message, _ in batch]
+        frames = [frame for message_frames in decoded for frame in message_frames]
+        decoded_at = time.perf_counter()
+        if self.worker is None:
+            raise SynapseError("step received before any shard was loaded")
+        outputs = self.worker.run(frames)
+        computed_at = time.perf_counter()
+        replies, offset = [], 0
+        encode_s = 0.0
+        for (_, arrived), message_frames in zip(batch, decoded, strict=True):
+            encode_started = time.perf_counter()
+            body = self.worker.encode(outputs[offset : offset + len(message_frames)])
+            encode_s += time.perf_counter() - encode_started
+            offset += len(message_frames)
+            stats = np.array([[(computed_at - decoded_at) * 1e3, (started - arrived) * 1e3,
+                               ((decoded_at - started) + encode_s) * 1e3]], dtype=np.float32)
+            replies.append(syn1.encode(syn1.Frame.stats(stats)) + body)
+        return replies
+
+    async def _sweep_idle(self) -> None:
+        while True:
+            await asyncio.sleep(min(30.0, self.settings.idle_timeout_s))
+            if self.worker is not None:
+                freed = self.worker.release_idle(self.settings.idle_timeout_s)
+                if freed:
+                    log.info("caches_expired", extra={"requests": freed})
+
+
+def _ssl_context(settings: NodeSettings) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    if settings.tls_ca:
+        context.load_verify_locations(settings.tls_ca)
+    return context

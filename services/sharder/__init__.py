@@ -1,0 +1,1 @@
+"""The sharder service."""

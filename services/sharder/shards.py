@@ -1,0 +1,556 @@
+"""Shard files: one safetensors file per layer range plus a JSON manifest, written atomically, read verified.
+
+docs/shards.md describes the format. The model index (model.json) lists a folder's shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from tqdm import tqdm
+
+from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, SynapseError
+from services.common.gpt2.checkpoint import Checkpoint, expected_shapes, stage_tensor_names
+from services.common.gpt2.config import GPT2Config
+
+FORMAT_VERSION = 1
+INDEX_FILE = "model.json"
+# Shard dtype -> (safetensors dtype code, torch dtype).
+SHARD_DTYPES: dict[str, tuple[str, torch.dtype]] = {
+    "float16": ("F16", torch.float16),
+    "float32": ("F32", torch.float32),
+}
+_CHUNK_BYTES = 1 << 20
+_MAX_HEADER_BYTES = 100 << 20  # the limit safetensors itself enforces
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_FLAT_LIST = re.compile(r"\[\s+([^\[\]{}\"]*?)\s+\]")  # a JSON list of numbers, spread over lines
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a shard: canonical name (global layer numbers), shape, dtype name."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class ShardManifest:
+    """What a shard file holds and how to check it: layers [layer_start, layer_end) of one model."""
+
+    shard_id: str
+    model_id: str
+    config: GPT2Config
+    layer_start: int
+    layer_end: int
+    dtype: str  # "float16" or "float32"
+    file: str  # the safetensors file's name, in the manifest's folder
+    byte_size: int
+    sha256: str  # hex digest of the whole safetensors file
+    tensors: tuple[TensorInfo, ...]
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def n_layer(self) -> int:
+        return self.config.n_layer
+
+    @property
+    def is_first(self) -> bool:
+        return self.layer_start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.layer_end == self.config.n_layer
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "shard_id": self.shard_id,
+            "model_id": self.model_id,
+            "config": self.config.to_dict(),
+            "layer_start": self.layer_start,
+            "layer_end": self.layer_end,
+            "n_layer": self.n_layer,
+            "is_first": self.is_first,
+            "is_last": self.is_last,
+            "dtype": self.dtype,
+            "file": self.file,
+            "byte_size": self.byte_size,
+            "sha256": self.sha256,
+            "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in self.tensors],
+        }
+
+    def to_json(self) -> str:
+        return _dump_json(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "shard manifest") -> ShardManifest:
+        """Parse and cross-check a manifest; DataLoss says which field of `source` is wrong."""
+        fields = _Fields(data, source)
+        version = fields.get("format_version", int)
+        if version != FORMAT_VERSION:
+            raise FailedPrecondition(
+                f"{source} has format_version {version}; this Synapse reads version {FORMAT_VERSION}: "
+                "upgrade Synapse or re-shard the model"
+            )
+        config = _config(fields, source)
+        manifest = cls(
+            shard_id=fields.get("shard_id", str),
+            model_id=fields.get("model_id", str),
+            config=config,
+            layer_start=fields.get("layer_start", int),
+            layer_end=fields.get("layer_end", int),
+            dtype=fields.get("dtype", str),
+            file=fields.get("file", str),
+            byte_size=fields.get("byte_size", int),
+            sha256=fields.get("sha256", str),
+            tensors=tuple(_tensor_info(entry, source) for entry in fields.get("tensors", list)),
+        )
+        derived = {"n_layer": manifest.n_layer, "is_first": manifest.is_first, "is_last": manifest.is_last}
+        for name, value in derived.items():
+            if fields.get(name, type(value)) != value:
+                raise DataLoss(f"{source}: {name} disagrees with the layer range and config")
+        manifest._check(source)
+        return manifest
+
+    @classmethod
+    def from_json(cls, text: str | bytes, *, source: str = "shard manifest") -> ShardManifest:
+        return cls.from_dict(_parse_json(text, source), source=source)
+
+    def _check(self, source: str) -> None:
+        """Every field agrees with the others: range, id, file name, size, hash, tensor list."""
+        if not 0 <= self.layer_start < self.layer_end <= self.n_layer:
+            raise DataLoss(
+                f"{source}: layer range [{self.layer_start}, {self.layer_end}) is not in the model"
+            )
+        if self.dtype not in SHARD_DTYPES:
+            raise DataLoss(f"{source}: dtype {self.dtype!r} is not one of {sorted(SHARD_DTYPES)}")
+        expected_id = shard_id(self.model_id, self.layer_start, self.layer_end, self.dtype)
+        if self.shard_id != expected_id or self.file != f"{expected_id}.safetensors":
+            raise DataLoss(f"{source}: shard_id/file must be {expected_id!r}/{expected_id}.safetensors")
+        if self.byte_size <= 0 or not _SHA256.match(self.sha256):
+            raise DataLoss(f"{source}: byte_size must be > 0 and sha256 64 lowercase hex digits")
+        shapes = expected_shapes(self.config)
+        expected = [
+            TensorInfo(name, shapes[name], self.dtype)
+            for name in stage_tensor_names(self.config, self.layer_start, self.layer_end)
+        ]
+        for position, (want, got) in enumerate(itertools.zip_longest(expected, self.tensors)):
+            if want != got:
+                raise DataLoss(
+                    f"{source}: 'tensors' entry {position} is {got} but layers "
+                    f"[{self.layer_start}, {self.layer_end}) need {want}; re-shard the model"
+                )
+
+
+@dataclass(frozen=True)
+class ModelIndex:
+    """The model.json of a shard folder: the model and every shard written there."""
+
+    model_id: str
+    config: GPT2Config
+    shards: tuple[ShardManifest, ...]
+
+    def find(self, start: int, end: int, dtype: str = "float16") -> ShardManifest:
+        for manifest in self.shards:
+            if (manifest.layer_start, manifest.layer_end, manifest.dtype) == (start, end, dtype):
+                return manifest
+        raise NotFound(f"no {dtype} shard of {self.model_id} for layers [{start}, {end}); write it first")
+
+    def to_json(self) -> str:
+        data = {
+            "format_version": FORMAT_VERSION,
+            "model_id": self.model_id,
+            "config": self.config.to_dict(),
+            "shards": [manifest.to_dict() for manifest in self.shards],
+        }
+        return _dump_json(data)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, *, source: str = INDEX_FILE) -> ModelIndex:
+        fields = _Fields(_parse_json(text, source), source)
+        shards = tuple(ShardManifest.from_dict(entry, source=source) for entry in fields.get("shards", list))
+        index = cls(fields.get("model_id", str), _config(fields, source), shards)
+        if any((shard.model_id, shard.config) != (index.model_id, index.config) for shard in shards):
+            raise DataLoss(f"{source}: a shard belongs to another model than {index.model_id!r}")
+        return index
+
+
+def model_slug(model_id: str) -> str:
+    """model_id as a file name part: "openai-community/gpt2" -> "openai-community-gpt2"."""
+    slug = re.sub(r"[^a-z0-9._-]+", "-", model_id.lower()).strip(".-")
+    if not slug:
+        raise InvalidArgument(f"model id {model_id!r} has no letters or digits to name its shards by")
+    return slug
+
+
+def shard_id(model_id: str, start: int, end: int, dtype: str) -> str:
+    """The shard's name, e.g. "gpt2-L0-6-float16"; also its files' stem."""
+    return f"{model_slug(model_id)}-L{start}-{end}-{dtype}"
+
+
+def even_ranges(n_layer: int, parts: int) -> list[tuple[int, int]]:
+    """Split [0, n_layer) into `parts` contiguous ranges whose sizes differ by at most one (larger first)."""
+    if not 1 <= parts <= n_layer:
+        raise InvalidArgument(f"cannot split {n_layer} layers into {parts} parts; use 1 to {n_layer} parts")
+    base, extra = divmod(n_layer, parts)
+    ranges, start = [], 0
+    for part in range(parts):
+        end = start + base + (1 if part < extra else 0)
+        ranges.append((start, end))
+        start = end
+    return ranges
+
+
+def write_shard(
+    checkpoint: Checkpoint, start: int, end: int, out_dir: str | Path, *, dtype: str = "float16"
+) -> ShardManifest:
+    """Write layers [start, end) of `checkpoint` as `dtype` to out_dir, then its manifest and the index."""
+    return write_shards(checkpoint, [(start, end)], out_dir, dtype=dtype, progress=False)[0]
+
+
+def write_shards(
+    checkpoint: Checkpoint,
+    ranges: Iterable[tuple[int, int]],
+    out_dir: str | Path,
+    *,
+    dtype: str = "float16",
+    progress: bool = True,
+) -> list[ShardManifest]:
+    """Write one shard per range (a tqdm bar counts bytes), then the folder's model.json."""
+    ranges = list(ranges)
+    if not ranges:
+        raise InvalidArgument("no layer ranges given; pass e.g. even_ranges(n_layer, parts)")
+    _torch_dtype(dtype)
+    for start, end in ranges:
+        checkpoint.config.check_layer_range(start, end)
+    _check_folder(Path(out_dir), checkpoint.model_id, checkpoint.config)
+    total = sum(_data_bytes(checkpoint.config, start, end, dtype) for start, end in ranges)
+    with tqdm(
+        total=total, unit="B", unit_scale=True, desc=f"sharding {checkpoint.model_id}", disable=not progress
+    ) as bar:
+        manifests = [
+            _write_shard(checkpoint, start, end, Path(out_dir), dtype, progress=bar.update)
+            for start, end in ranges
+        ]
+    _update_index(Path(out_dir), checkpoint.model_id, checkpoint.config)
+    return manifests
+
+
+def read_manifest(path: str | Path) -> ShardManifest:
+    """Read and validate a shard manifest file."""
+    return ShardManifest.from_json(_read_text(Path(path)), source=str(path))
+
+
+def read_index(directory: str | Path) -> ModelIndex:
+    """Read the model.json of a shard folder."""
+    path = Path(directory) / INDEX_FILE
+    return ModelIndex.from_json(_read_text(path), source=str(path))
+
+
+def read_shard(
+    manifest: ShardManifest | str | Path, directory: str | Path | None = None, *, verify: bool = True
+) -> dict[str, torch.Tensor]:
+    """Load a shard's tensors, checking its size, its sha256 (unless verify=False) and every tensor.
+
+    `manifest` is a ShardManifest (then `directory` is the folder of its file) or a manifest's path
+    (its folder is the default `directory`).
+    """
+    if not isinstance(manifest, ShardManifest):
+        path = Path(manifest)
+        manifest, directory = read_manifest(path), directory or path.parent
+    elif directory is None:
+        raise InvalidArgument(f"pass the folder that holds {manifest.file}")
+    data_path = Path(directory) / manifest.file
+    buffer = _read_file(data_path, manifest, verify=verify)
+    tensors = _parse_safetensors(buffer, data_path)
+    found = {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
+    wanted = {t.name: (t.shape, SHARD_DTYPES[t.dtype][1]) for t in manifest.tensors}
+    differing = sorted(name for name in wanted.keys() | found.keys() if wanted.get(name) != found.get(name))
+    if differing:
+        raise DataLoss(
+            f"{data_path} does not hold the tensors its manifest lists: {differing[:3]} are missing, "
+            "extra or of another shape or dtype; delete it and re-shard"
+        )
+    return tensors
+
+
+def _write_shard(
+    checkpoint: Checkpoint,
+    start: int,
+    end: int,
+    out_dir: Path,
+    dtype: str,
+    progress: Callable[[int], object],
+) -> ShardManifest:
+    config, torch_dtype = checkpoint.config, _torch_dtype(dtype)
+    config.check_layer_range(start, end)
+    names = stage_tensor_names(config, start, end)
+    shapes = expected_shapes(config)
+    for name in names:
+        tensor = checkpoint.tensors.get(name)
+        if tensor is None or tuple(tensor.shape) != shapes[name]:
+            found = "missing" if tensor is None else f"shape {list(tensor.shape)}"
+            raise InvalidArgument(
+                f"checkpoint tensor {name!r} is {found}; expected shape {list(shapes[name])}"
+            )
+    identity = shard_id(checkpoint.model_id, start, end, dtype)
+    header = _safetensors_header(names, shapes, dtype, identity)
+    digest = hashlib.sha256(header)
+
+    def write_data(handle: BinaryIO) -> None:
+        handle.write(header)
+        for name in names:  # one converted tensor in memory at a time
+            tensor = checkpoint.tensors[name].detach().to("cpu", torch_dtype).contiguous()
+            if not torch.isfinite(tensor).all():
+                raise InvalidArgument(f"tensor {name!r} overflows {dtype}; shard as float32")
+            data = memoryview(tensor.numpy()).cast("B")  # little-endian, like safetensors
+            digest.update(data)
+            handle.write(data)
+            progress(len(data))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data_temp = _write_temp(out_dir, write_data)
+    manifest = ShardManifest(
+        shard_id=identity,
+        model_id=checkpoint.model_id,
+        config=config,
+        layer_start=start,
+        layer_end=end,
+        dtype=dtype,
+        file=f"{identity}.safetensors",
+        byte_size=data_temp.stat().st_size,
+        sha256=digest.hexdigest(),
+        tensors=tuple(TensorInfo(name, shapes[name], dtype) for name in names),
+    )
+    try:
+        manifest_temp = _write_temp(out_dir, lambda handle: handle.write(manifest.to_json().encode()))
+    except BaseException:
+        data_temp.unlink(missing_ok=True)
+        raise
+    _commit(out_dir, [(data_temp, out_dir / manifest.file), (manifest_temp, out_dir / f"{identity}.json")])
+    return manifest
+
+
+def _safetensors_header(
+    names: list[str], shapes: Mapping[str, tuple[int, ...]], dtype: str, identity: str
+) -> bytes:
+    """8-byte little-endian length + JSON header, padded with spaces so the data starts 8-aligned."""
+    code, torch_dtype = SHARD_DTYPES[dtype]
+    itemsize = torch_dtype.itemsize
+    entries: dict[str, Any] = {"__metadata__": {"format": "pt", "synapse_shard": identity}}
+    offset = 0
+    for name in names:
+        size = math.prod(shapes[name]) * itemsize
+        entries[name] = {"dtype": code, "shape": list(shapes[name]), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
+def _data_bytes(config: GPT2Config, start: int, end: int, dtype: str) -> int:
+    shapes = expected_shapes(config)
+    itemsize = _torch_dtype(dtype).itemsize
+    return sum(math.prod(shapes[name]) * itemsize for name in stage_tensor_names(config, start, end))
+
+
+def _torch_dtype(dtype: str) -> torch.dtype:
+    if dtype not in SHARD_DTYPES:
+        raise InvalidArgument(f"unsupported shard dtype {dtype!r}; use one of {sorted(SHARD_DTYPES)}")
+    return SHARD_DTYPES[dtype][1]
+
+
+def _write_temp(directory: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Write a hidden temp file in `directory` and fsync it; on any error remove it and re-raise."""
+    descriptor, name = tempfile.mkstemp(dir=directory, prefix=".", suffix=".tmp")
+    path = Path(name)
+    try:
+        os.fchmod(descriptor, 0o644)  # mkstemp makes 0600; shards are served to other processes
+        with os.fdopen(descriptor, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _commit(directory: Path, moves: list[tuple[Path, Path]]) -> None:
+    """Rename temp files into place in order (manifest last); on failure undo, leaving no new file."""
+    done: list[Path] = []
+    try:
+        for temp, final in moves:
+            os.replace(temp, final)
+            done.append(final)
+    except BaseException:
+        for temp, final in moves:
+            temp.unlink(missing_ok=True)
+            if final in done:
+                final.unlink(missing_ok=True)
+        raise
+    try:  # make the renames durable; not every filesystem lets a directory be fsynced
+        descriptor = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+    except OSError:
+        pass
+
+
+def _check_folder(directory: Path, model_id: str, config: GPT2Config) -> None:
+    """Refuse, before writing anything, a folder whose model.json is another model's (or other shapes)."""
+    index_path = directory / INDEX_FILE
+    try:
+        existing = ModelIndex.from_json(index_path.read_bytes(), source=str(index_path))
+    except (FileNotFoundError, SynapseError):
+        return  # no index yet, or a broken one: it is derived data, rebuilt after writing
+    if (existing.model_id, existing.config) != (model_id, config):
+        raise FailedPrecondition(
+            f"{directory} already holds shards of {existing.model_id!r} ({existing.config}); "
+            "give each model its own folder, or delete that one"
+        )
+
+
+def _update_index(directory: Path, model_id: str, config: GPT2Config) -> ModelIndex:
+    """Rebuild model.json from the folder's manifests of this model (it is derived data)."""
+    index_path = directory / INDEX_FILE
+    manifests = [read_manifest(path) for path in sorted(directory.glob(f"{model_slug(model_id)}-L*.json"))]
+    manifests = [m for m in manifests if (m.model_id, m.config) == (model_id, config)]
+    manifests.sort(key=lambda m: (m.dtype, m.layer_start, m.layer_end))
+    index = ModelIndex(model_id, config, tuple(manifests))
+    temp = _write_temp(directory, lambda handle: handle.write(index.to_json().encode()))
+    _commit(directory, [(temp, index_path)])
+    return index
+
+
+def _read_file(path: Path, manifest: ShardManifest, *, verify: bool) -> bytearray:
+    """The whole file, hashed while it is read; DataLoss on a size or sha256 mismatch."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise NotFound(f"shard file {path} does not exist; re-shard or download it again") from None
+    if size != manifest.byte_size:
+        raise DataLoss(
+            f"{path} is {size} bytes but its manifest says {manifest.byte_size}: truncated or replaced; "
+            "delete it and re-shard"
+        )
+    buffer = bytearray(size)
+    view, digest, filled = memoryview(buffer), hashlib.sha256(), 0
+    with path.open("rb") as handle:
+        while filled < size:
+            count = handle.readinto(view[filled : filled + _CHUNK_BYTES])
+            if not count:
+                raise DataLoss(f"{path} shrank while it was read; re-shard it")
+            if verify:
+                digest.update(view[filled : filled + count])
+            filled += count
+    if verify and digest.hexdigest() != manifest.sha256:
+        raise DataLoss(
+            f"{path} is corrupt: its sha256 is {digest.hexdigest()} but the manifest says {manifest.sha256}; "
+            "delete it and re-shard"
+        )
+    return buffer
+
+
+def _parse_safetensors(buffer: bytearray, path: Path) -> dict[str, torch.Tensor]:
+    """Tensors viewing `buffer` (no copy), after checking the header and that data spans tile the file."""
+    codes = {code: torch_dtype for code, torch_dtype in SHARD_DTYPES.values()}
+    length = int.from_bytes(buffer[:8], "little") if len(buffer) >= 8 else -1
+    if not 0 < length <= min(len(buffer) - 8, _MAX_HEADER_BYTES):
+        raise DataLoss(f"{path} is not a safetensors file (bad header length); delete it and re-shard")
+    header = _parse_json(bytes(buffer[8 : 8 + length]), f"{path} header")
+    if not isinstance(header, dict):
+        raise DataLoss(f"{path} header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_start, tensors, spans = 8 + length, {}, []
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = codes[entry["dtype"]], tuple(entry["shape"]), entry["data_offsets"]
+            itemsize, count = dtype.itemsize, math.prod(shape)
+            valid = all(isinstance(n, int) and n >= 0 for n in (*shape, begin, end))
+        except (KeyError, TypeError, ValueError):
+            valid = False
+        if not valid or end - begin != count * itemsize or data_start + end > len(buffer):
+            raise DataLoss(f"{path}: header entry for {name!r} is malformed or out of bounds")
+        spans.append((begin, end))
+        tensor = (
+            torch.frombuffer(buffer, dtype=dtype, count=count, offset=data_start + begin) if count else None
+        )
+        if tensor is not None and (data_start + begin) % itemsize:
+            tensor = tensor.clone()  # misaligned (not written by Synapse): copy into aligned memory
+        tensors[name] = torch.empty(shape, dtype=dtype) if tensor is None else tensor.view(shape)
+    position = 0
+    for begin, end in sorted(spans):
+        if begin != position:
+            break
+        position = end
+    if position != len(buffer) - data_start:
+        raise DataLoss(f"{path}: tensor data has gaps, overlaps or trailing bytes; delete it and re-shard")
+    return tensors
+
+
+def _read_text(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise NotFound(f"{path} does not exist; write the shards first (`synapse shard`)") from None
+
+
+def _dump_json(data: dict[str, Any]) -> str:
+    """Indented JSON with flat lists (shapes) kept on one line."""
+    text = json.dumps(data, indent=2)
+    return _FLAT_LIST.sub(lambda match: "[" + " ".join(match.group(1).split()) + "]", text) + "\n"
+
+
+def _parse_json(text: str | bytes, source: str) -> Any:
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataLoss(f"{source} is not valid JSON ({error}); delete it and re-shard") from error
+
+
+class _Fields:
+    """Typed access to a JSON object's fields; DataLoss names the missing or mistyped field."""
+
+    def __init__(self, data: Any, source: str) -> None:
+        if not isinstance(data, dict):
+            raise DataLoss(f"{source} must be a JSON object, got {type(data).__name__}")
+        self.data, self.source = data, source
+
+    def get(self, name: str, kind: type) -> Any:
+        if name not in self.data:
+            raise DataLoss(f"{self.source} has no {name!r} field; re-shard the model")
+        value = self.data[name]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise DataLoss(f"{self.source}: {name!r} must be a {kind.__name__}, got {value!r:.60}")
+        return value
+
+
+def _config(fields: _Fields, source: str) -> GPT2Config:
+    try:
+        return GPT2Config.from_dict(fields.get("config", dict))
+    except InvalidArgument as error:
+        raise DataLoss(f"{source}: bad config: {error}") from error
+
+
+def _tensor_info(entry: Any, source: str) -> TensorInfo:
+    fields = _Fields(entry, f"{source} tensor entry")
+    shape = fields.get("shape", list)
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise DataLoss(f"{source}: tensor shape {shape!r} is not a list of sizes")
+    return TensorInfo(fields.get("name", str), tuple(shape), fields.get("dtype", str))
