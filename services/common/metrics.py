@@ -9,7 +9,24 @@ from prometheus_client import Counter, Histogram, start_http_server
 log = logging.getLogger(__name__)
 
 # Explicit buckets, seconds: loopback calls are sub-millisecond, generation streams last seconds.
-LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60)
+LATENCY_BUCKETS_S = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    10,
+    60,
+)
 
 GRPC_HANDLED = Counter(
     "synapse_grpc_server_handled_total",

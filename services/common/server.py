@@ -78,7 +78,7 @@ def _wrap_unary(service: str, method: str, behaviour: Callable[..., Awaitable[An
         call = _Call(service, method, context)
         try:
             response = await behaviour(request, context)
-        except BaseException as error:  # noqa: BLE001 - mapped or re-raised in fail()
+        except BaseException as error:
             await call.fail(error)
             raise
         call.finish()
@@ -93,7 +93,7 @@ def _wrap_stream(service: str, method: str, behaviour: Callable[..., AsyncIterat
         try:
             async for response in behaviour(request, context):
                 yield response
-        except BaseException as error:  # noqa: BLE001 - mapped or re-raised in fail()
+        except BaseException as error:
             await call.fail(error)
             raise
         call.finish()
@@ -108,7 +108,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         self.service = service
 
     async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
@@ -135,14 +136,18 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 class GrpcServer:
     """A grpc.aio server with health + reflection, started on host:port (0 = any free port)."""
 
-    def __init__(self, service: str, service_names: Iterable[str], *, host: str, port: int, grace_s: float) -> None:
+    def __init__(
+        self, service: str, service_names: Iterable[str], *, host: str, port: int, grace_s: float
+    ) -> None:
         self.service = service
         self.grace_s = grace_s
         self.server = grpc.aio.server(interceptors=[ServiceInterceptor(service)], options=CHANNEL_OPTIONS)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.names = list(service_names)
-        reflection.enable_server_reflection([*self.names, reflection.SERVICE_NAME, health.SERVICE_NAME], self.server)
+        reflection.enable_server_reflection(
+            [*self.names, reflection.SERVICE_NAME, health.SERVICE_NAME], self.server
+        )
         self.port = self.server.add_insecure_port(f"{host}:{port}")
         self.address = f"{host}:{self.port}"
         self._stopped = asyncio.Event()

@@ -18,7 +18,9 @@ class ServiceSettings(BaseSettings):
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="Prometheus /metrics port; unset = no metrics endpoint, 0 = any."
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Lowest level logged.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Lowest level logged."
+    )
     log_format: Literal["auto", "json", "text"] = Field(
         "auto", description="json for containers, text for terminals; auto picks by whether stderr is a TTY."
     )

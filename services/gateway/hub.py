@@ -16,7 +16,9 @@ log = logging.getLogger(__name__)
 
 
 class Hub:
-    def __init__(self, gateway_id: str, address: str, registry: MemoryRegistry, step_timeout_s: float) -> None:
+    def __init__(
+        self, gateway_id: str, address: str, registry: MemoryRegistry, step_timeout_s: float
+    ) -> None:
         self.gateway_id = gateway_id
         self.address = address
         self.registry = registry
@@ -34,8 +36,14 @@ class Hub:
         await self.registry.put(connection.record)
         metrics.NODES_ONLINE.labels(connection.record.kind).inc()
         metrics.NODE_EVENTS.labels("joined").inc()
-        log.info("node_joined", extra={"node": connection.node_id, "kind": connection.record.kind,
-                                        "speed": connection.record.speed})
+        log.info(
+            "node_joined",
+            extra={
+                "node": connection.node_id,
+                "kind": connection.record.kind,
+                "speed": connection.record.speed,
+            },
+        )
 
     async def update(self, connection: NodeConnection, **changes: object) -> None:
         connection.record = connection.record.changed(**changes)
@@ -55,8 +63,12 @@ class Hub:
         connection = self.connections.get(request.node_id)
         if connection is None:
             raise NodeGone(request.node_id, f"not connected to gateway {self.gateway_id}")
-        await self.update(connection, state="loading", layers=(request.layers.start, request.layers.end),
-                          shard_id=request.shard_id)
+        await self.update(
+            connection,
+            state="loading",
+            layers=(request.layers.start, request.layers.end),
+            shard_id=request.shard_id,
+        )
         await connection.send_text(assign_text)
 
     async def release(self, request_ids: list[int], node_ids: list[str]) -> None:
@@ -85,7 +97,9 @@ class Hub:
                     if forwarded.HasField("error"):
                         response.error.CopyFrom(forwarded.error)
                     return response
-                message = await self._run_stage(stage.node_id, message, response, encode_s if index == 0 else 0.0)
+                message = await self._run_stage(
+                    stage.node_id, message, response, encode_s if index == 0 else 0.0
+                )
             response.frames = message
             metrics.STEPS.labels("ok").inc()
         except (NodeGone, StepFailedOnNode) as error:
@@ -99,8 +113,10 @@ class Hub:
     def _first_message(self, request: gateway_pb2.StepRequest) -> bytes:
         if request.WhichOneof("input") == "frames":
             return request.frames
-        frames = [syn1.Frame.tokens(item.request_id, item.position, list(item.token_ids))
-                  for item in request.items.items]
+        frames = [
+            syn1.Frame.tokens(item.request_id, item.position, list(item.token_ids))
+            for item in request.items.items
+        ]
         return syn1.encode_frames(frames)
 
     async def _run_stage(
@@ -115,13 +131,20 @@ class Hub:
         tokens = _tokens_in(message)
         self._observe(reply, round_trip_s, gateway_serialize_s, len(message), tokens)
         response.hops.add(
-            node_id=node_id, round_trip_ms=round_trip_s * 1e3, compute_ms=reply.compute_ms,
-            queue_ms=reply.queue_ms, node_serialize_ms=reply.serialize_ms,
-            gateway_serialize_ms=gateway_serialize_s * 1e3, bytes_sent=len(message), bytes_received=reply.size,
+            node_id=node_id,
+            round_trip_ms=round_trip_s * 1e3,
+            compute_ms=reply.compute_ms,
+            queue_ms=reply.queue_ms,
+            node_serialize_ms=reply.serialize_ms,
+            gateway_serialize_ms=gateway_serialize_s * 1e3,
+            bytes_sent=len(message),
+            bytes_received=reply.size,
         )
         return reply.frames
 
-    async def _forward(self, request: gateway_pb2.StepRequest, index: int, message: bytes) -> gateway_pb2.StepResponse:
+    async def _forward(
+        self, request: gateway_pb2.StepRequest, index: int, message: bytes
+    ) -> gateway_pb2.StepResponse:
         stage = request.route[index]
         forwarded = gateway_pb2.StepRequest(step_id=request.step_id, route=request.route[index:])
         if index == 0 and request.WhichOneof("input") == "items":
@@ -131,7 +154,9 @@ class Hub:
         return await self.peers.step(stage.gateway_address, forwarded, self.step_timeout_s)
 
     @staticmethod
-    def _observe(reply: StepReply, round_trip_s: float, gateway_serialize_s: float, sent: int, tokens: int) -> None:
+    def _observe(
+        reply: StepReply, round_trip_s: float, gateway_serialize_s: float, sent: int, tokens: int
+    ) -> None:
         metrics.HOP_ROUND_TRIP.observe(round_trip_s)
         metrics.HOP_COMPUTE.observe(reply.compute_ms / 1e3)
         network_s = round_trip_s - (reply.compute_ms + reply.queue_ms + reply.serialize_ms) / 1e3
@@ -157,6 +182,11 @@ def _tokens_in(message: bytes) -> int:
 
 def record_for(hello: object, gateway_id: str, address: str) -> NodeRecord:
     return NodeRecord(
-        node_id=hello.node_id, kind=hello.node_kind, device=hello.device, memory_bytes=hello.memory_bytes,
-        speed=hello.speed, gateway_id=gateway_id, gateway_address=address,
+        node_id=hello.node_id,
+        kind=hello.node_kind,
+        device=hello.device,
+        memory_bytes=hello.memory_bytes,
+        speed=hello.speed,
+        gateway_id=gateway_id,
+        gateway_address=address,
     )

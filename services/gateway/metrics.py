@@ -18,7 +18,8 @@ HOP_ROUND_TRIP = Histogram(
     buckets=LATENCY_BUCKETS_S,
 )
 HOP_COMPUTE = Histogram(
-    "synapse_gateway_hop_compute_seconds", "Node-reported forward time of one step, seconds.",
+    "synapse_gateway_hop_compute_seconds",
+    "Node-reported forward time of one step, seconds.",
     buckets=LATENCY_BUCKETS_S,
 )
 HOP_OVERHEAD = Histogram(
@@ -36,5 +37,7 @@ HOP_BYTES_PER_TOKEN = Histogram(
 HOP_BYTES = Counter("synapse_gateway_hop_bytes_total", "Bytes moved to and from nodes.", ["direction"])
 STEPS = Counter("synapse_gateway_steps_total", "Route steps run by this gateway, by outcome.", ["outcome"])
 FRAMES_REJECTED = Counter(
-    "synapse_gateway_rejected_messages_total", "Malformed node messages (connection closed), by kind.", ["kind"]
+    "synapse_gateway_rejected_messages_total",
+    "Malformed node messages (connection closed), by kind.",
+    ["kind"],
 )

@@ -29,8 +29,10 @@ class RedisRegistry:
         try:
             await self.client.ping()
         except (redis.ConnectionError, OSError) as error:
-            raise Unavailable(f"cannot reach Redis at {self.url}: {error}; start redis-server or unset "
-                              "SYNAPSE_REDIS_URL to keep the registry in memory") from None
+            raise Unavailable(
+                f"cannot reach Redis at {self.url}: {error}; start redis-server or unset "
+                "SYNAPSE_REDIS_URL to keep the registry in memory"
+            ) from None
         self._liveness = asyncio.create_task(self._keep_alive(gateway_id, address))
         log.info("registry_redis", extra={"url": self.url})
 

@@ -25,8 +25,14 @@ _DTYPES = {common_pb2.DTYPE_FLOAT32: "float32", common_pb2.DTYPE_INT8: "int8"}
 
 def node_status_pb(record: NodeRecord) -> router_pb2.NodeStatus:
     status = router_pb2.NodeStatus(
-        node_id=record.node_id, kind=_KINDS[record.kind], device=record.device, memory_bytes=record.memory_bytes,
-        speed=record.speed, state=_STATES[record.state], shard_id=record.shard_id, gateway_id=record.gateway_id,
+        node_id=record.node_id,
+        kind=_KINDS[record.kind],
+        device=record.device,
+        memory_bytes=record.memory_bytes,
+        speed=record.speed,
+        state=_STATES[record.state],
+        shard_id=record.shard_id,
+        gateway_id=record.gateway_id,
     )
     if record.layers is not None:
         status.layers.start, status.layers.end = record.layers
@@ -72,16 +78,21 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self, request: gateway_pb2.WatchNodesRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.NodeEvent]:
         async for record in self.hub.registry.watch():
-            yield gateway_pb2.NodeEvent(node=node_status_pb(record), gateway_address=record.gateway_address,
-                                        version=record.version)
+            yield gateway_pb2.NodeEvent(
+                node=node_status_pb(record), gateway_address=record.gateway_address, version=record.version
+            )
 
     async def AssignShard(
         self, request: gateway_pb2.AssignShardRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.AssignShardResponse:
         assign = Assign(
-            shard_id=request.shard_id, layers=(request.layers.start, request.layers.end),
-            shard_url=request.shard_url, manifest_url=request.manifest_url, sha256=request.sha256,
-            size_bytes=request.size_bytes, top_k=request.top_k,
+            shard_id=request.shard_id,
+            layers=(request.layers.start, request.layers.end),
+            shard_url=request.shard_url,
+            manifest_url=request.manifest_url,
+            sha256=request.sha256,
+            size_bytes=request.size_bytes,
+            top_k=request.top_k,
             activation_dtype=_DTYPES.get(request.activation_dtype, "float16"),
         )
         await self.hub.assign(request, dump(assign))

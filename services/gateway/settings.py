@@ -18,12 +18,17 @@ class GatewaySettings(ServiceSettings):
     port: int = Field(50055, ge=0, le=65535, description="gRPC port the router calls; 0 picks a free one.")
     gateway_id: str | None = Field(None, description="Stable id of this gateway instance; default host-pid.")
     advertise_address: str | None = Field(
-        None, description="host:port other gateways and the router reach this gateway's gRPC at; default host:port."
+        None,
+        description="host:port other gateways and the router reach this gateway's gRPC at; default host:port.",
     )
     ws_host: str = Field("127.0.0.1", description="Address the node WebSocket server binds to.")
-    ws_port: int = Field(8765, ge=0, le=65535, description="Port of the node WebSocket server (and web page).")
+    ws_port: int = Field(
+        8765, ge=0, le=65535, description="Port of the node WebSocket server (and web page)."
+    )
     tls_cert: Path | None = Field(None, description="PEM certificate; with tls_key, nodes connect over wss.")
-    tls_key: Path | None = Field(None, description="PEM private key for tls_cert (`synapse certs` makes a pair).")
+    tls_key: Path | None = Field(
+        None, description="PEM private key for tls_cert (`synapse certs` makes a pair)."
+    )
     redis_url: str | None = Field(
         None,
         validation_alias=AliasChoices("SYNAPSE_REDIS_URL", "redis_url"),

@@ -26,7 +26,12 @@ log = logging.getLogger(__name__)
 WS_PATH = "/ws"
 HELLO_TIMEOUT_S = 10.0
 CLOSE_POLICY = 1008  # malformed or unexpected message: this connection only
-_TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".wgsl": "text/plain", ".json": "application/json"}
+_TYPES = {
+    ".js": "text/javascript",
+    ".mjs": "text/javascript",
+    ".wgsl": "text/plain",
+    ".json": "application/json",
+}
 
 
 def static_response(root: Path, request: Request) -> Response | None:
@@ -38,12 +43,16 @@ def static_response(root: Path, request: Request) -> Response | None:
     target = (root / relative).resolve()
     if not target.is_relative_to(root.resolve()) or not target.is_file():
         return _response(http.HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
-    content_type = _TYPES.get(target.suffix) or mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+    content_type = (
+        _TYPES.get(target.suffix) or mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+    )
     return _response(http.HTTPStatus.OK, target.read_bytes(), content_type)
 
 
 def _response(status: http.HTTPStatus, body: bytes, content_type: str) -> Response:
-    headers = Headers({"Content-Type": content_type, "Content-Length": str(len(body)), "Cache-Control": "no-cache"})
+    headers = Headers(
+        {"Content-Type": content_type, "Content-Length": str(len(body)), "Cache-Control": "no-cache"}
+    )
     return Response(status.value, status.phrase, headers, body)
 
 
@@ -62,8 +71,13 @@ class NodeEndpoint:
             tls.load_cert_chain(settings.tls_cert, settings.tls_key)
         root = settings.webnode_dir
         self.server = await serve(
-            self.handle, settings.ws_host, settings.ws_port, ssl=tls, max_size=settings.max_frame_bytes,
-            ping_interval=settings.heartbeat_s, ping_timeout=settings.heartbeat_timeout_s,
+            self.handle,
+            settings.ws_host,
+            settings.ws_port,
+            ssl=tls,
+            max_size=settings.max_frame_bytes,
+            ping_interval=settings.heartbeat_s,
+            ping_timeout=settings.heartbeat_timeout_s,
             process_request=lambda _connection, request: static_response(root, request),
             compression=None,  # activations barely compress; deflate would cost more than it saves
         )
@@ -87,8 +101,11 @@ class NodeEndpoint:
         await self.hub.joined(connection)
         why = "connection closed"
         try:
-            await websocket.send(control.dump(control.Welcome(gateway_id=self.hub.gateway_id,
-                                                             heartbeat_s=self.settings.heartbeat_s)))
+            await websocket.send(
+                control.dump(
+                    control.Welcome(gateway_id=self.hub.gateway_id, heartbeat_s=self.settings.heartbeat_s)
+                )
+            )
             why = await self._serve(connection)
         except ConnectionClosed as error:
             why = f"connection closed ({error.rcvd.code if error.rcvd else 'no close frame'})"
@@ -108,8 +125,9 @@ class NodeEndpoint:
         if not isinstance(message, control.Hello):
             raise InvalidArgument(f"the first message must be hello, got {message.kind}")
         if message.protocol != control.PROTOCOL_VERSION:
-            raise InvalidArgument(f"protocol {message.protocol} not supported; this gateway speaks "
-                                  f"{control.PROTOCOL_VERSION}")
+            raise InvalidArgument(
+                f"protocol {message.protocol} not supported; this gateway speaks {control.PROTOCOL_VERSION}"
+            )
         return message
 
     async def _serve(self, connection: NodeConnection) -> str:
@@ -119,8 +137,9 @@ class NodeEndpoint:
                 continue
             message = control.parse_node_message(data)
             if isinstance(message, control.Ready):
-                await self.hub.update(connection, state="ready", layers=tuple(message.layers),
-                                      shard_id=message.shard_id)
+                await self.hub.update(
+                    connection, state="ready", layers=tuple(message.layers), shard_id=message.shard_id
+                )
                 log.info("node_ready", extra={"node": connection.node_id, "layers": list(message.layers)})
             elif isinstance(message, control.StepFailed):
                 connection.on_step_failed(message.message)

@@ -29,8 +29,16 @@ log = logging.getLogger(__name__)
 
 
 class NodeAgent:
-    def __init__(self, settings: NodeSettings, *, node_id: str, device: torch.device, dtype: torch.dtype,
-                 memory_bytes: int, speed: float) -> None:
+    def __init__(
+        self,
+        settings: NodeSettings,
+        *,
+        node_id: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        memory_bytes: int,
+        speed: float,
+    ) -> None:
         self.settings = settings
         self.node_id, self.device, self.dtype = node_id, device, dtype
         self.memory_bytes, self.speed = memory_bytes, speed
@@ -47,13 +55,20 @@ class NodeAgent:
         delay = self.settings.reconnect_min_s
         while True:
             try:
-                async with connect(self.settings.gateway_url, ssl=self.ssl_context, max_size=None,
-                                   compression=None, open_timeout=10) as websocket:
+                async with connect(
+                    self.settings.gateway_url,
+                    ssl=self.ssl_context,
+                    max_size=None,
+                    compression=None,
+                    open_timeout=10,
+                ) as websocket:
                     delay = self.settings.reconnect_min_s
                     await self._session(websocket)
             except (OSError, ConnectionClosed, InvalidHandshake, TimeoutError) as error:
-                log.warning("gateway_unreachable", extra={"url": self.settings.gateway_url, "error": str(error),
-                                                          "retry_s": round(delay, 2)})
+                log.warning(
+                    "gateway_unreachable",
+                    extra={"url": self.settings.gateway_url, "error": str(error), "retry_s": round(delay, 2)},
+                )
             except InvalidURI as error:
                 raise SynapseError(f"bad gateway URL: {error}") from None
             finally:
@@ -62,8 +77,14 @@ class NodeAgent:
             delay = min(delay * 2, self.settings.reconnect_max_s)
 
     async def _session(self, websocket: ClientConnection) -> None:
-        hello = control.Hello(kind="hello", node_id=self.node_id, node_kind="native", device=str(self.device),
-                              memory_bytes=self.memory_bytes, speed=self.speed)
+        hello = control.Hello(
+            kind="hello",
+            node_id=self.node_id,
+            node_kind="native",
+            device=str(self.device),
+            memory_bytes=self.memory_bytes,
+            speed=self.speed,
+        )
         await websocket.send(control.dump(hello))
         welcome = json.loads(await asyncio.wait_for(websocket.recv(), 10))
         if welcome.get("kind") != "welcome":
@@ -73,8 +94,10 @@ class NodeAgent:
         if self.worker is not None:  # a new session: request ids of the old one mean nothing now
             self.worker.release_all()
         steps: asyncio.Queue[bytes] = asyncio.Queue()
-        tasks = [asyncio.create_task(self._compute(websocket, steps)),
-                 asyncio.create_task(self._sweep_idle())]
+        tasks = [
+            asyncio.create_task(self._compute(websocket, steps)),
+            asyncio.create_task(self._sweep_idle()),
+        ]
         try:
             async for message in websocket:
                 if isinstance(message, bytes):
@@ -99,29 +122,48 @@ class NodeAgent:
     async def _load(self, websocket: ClientConnection, assign: control.Assign) -> None:
         try:
             if assign.sha256 != self.loaded_sha256:
-                async def progress(done: int, total: int) -> None:
-                    await websocket.send(control.dump(control.Progress(
-                        kind="progress", shard_id=assign.shard_id, done_bytes=done, total_bytes=total)))
 
-                manifest, folder = await self.store.fetch(assign.manifest_url, assign.shard_url, assign.sha256,
-                                                          progress)
+                async def progress(done: int, total: int) -> None:
+                    await websocket.send(
+                        control.dump(
+                            control.Progress(
+                                kind="progress", shard_id=assign.shard_id, done_bytes=done, total_bytes=total
+                            )
+                        )
+                    )
+
+                manifest, folder = await self.store.fetch(
+                    assign.manifest_url, assign.shard_url, assign.sha256, progress
+                )
                 stage = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, self._build_stage, manifest, folder)
-                self.worker = StageWorker(stage, top_k=assign.top_k, activation_dtype=assign.activation_dtype,
-                                          max_batch=self.settings.max_batch)
+                    self.executor, self._build_stage, manifest, folder
+                )
+                self.worker = StageWorker(
+                    stage,
+                    top_k=assign.top_k,
+                    activation_dtype=assign.activation_dtype,
+                    max_batch=self.settings.max_batch,
+                )
                 self.loaded_sha256 = assign.sha256
-            await websocket.send(control.dump(control.Ready(kind="ready", shard_id=assign.shard_id,
-                                                            layers=assign.layers)))
+            await websocket.send(
+                control.dump(control.Ready(kind="ready", shard_id=assign.shard_id, layers=assign.layers))
+            )
             log.info("shard_loaded", extra={"shard": assign.shard_id, "layers": list(assign.layers)})
         except SynapseError as error:
             log.error("shard_load_failed", extra={"shard": assign.shard_id, "error": str(error)})
             with contextlib.suppress(ConnectionClosed):
                 await websocket.send(control.dump(control.Error(kind="error", message=str(error))))
 
-    def _build_stage(self, manifest, folder) -> GPT2Stage:  # noqa: ANN001 - runs in the executor
+    def _build_stage(self, manifest, folder) -> GPT2Stage:
         tensors = read_shard(manifest, folder)
-        return GPT2Stage.from_tensors(manifest.config, manifest.layer_start, manifest.layer_end, tensors,
-                                      dtype=self.dtype, device=self.device)
+        return GPT2Stage.from_tensors(
+            manifest.config,
+            manifest.layer_start,
+            manifest.layer_end,
+            tensors,
+            dtype=self.dtype,
+            device=self.device,
+        )
 
     async def _compute(self, websocket: ClientConnection, steps: asyncio.Queue[bytes]) -> None:
         """Take every step waiting, run them as one batch, answer each in arrival order."""
@@ -161,8 +203,16 @@ class NodeAgent:
             body = self.worker.encode(outputs[offset : offset + len(message_frames)])
             encode_s += time.perf_counter() - encode_started
             offset += len(message_frames)
-            stats = np.array([[(computed_at - decoded_at) * 1e3, (started - arrived) * 1e3,
-                               ((decoded_at - started) + encode_s) * 1e3]], dtype=np.float32)
+            stats = np.array(
+                [
+                    [
+                        (computed_at - decoded_at) * 1e3,
+                        (started - arrived) * 1e3,
+                        ((decoded_at - started) + encode_s) * 1e3,
+                    ]
+                ],
+                dtype=np.float32,
+            )
             replies.append(syn1.encode(syn1.Frame.stats(stats)) + body)
         return replies
 

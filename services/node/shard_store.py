@@ -37,7 +37,9 @@ class ShardStore:
             manifest_text = await self._get_text(session, manifest_url)
             manifest = ShardManifest.from_json(manifest_text, source=manifest_url)
             if manifest.sha256 != sha256:
-                raise DataLoss(f"manifest at {manifest_url} names sha256 {manifest.sha256}, assignment says {sha256}")
+                raise DataLoss(
+                    f"manifest at {manifest_url} names sha256 {manifest.sha256}, assignment says {sha256}"
+                )
             target = folder / manifest.file
             if target.exists() and target.stat().st_size == manifest.byte_size:
                 log.info("shard_cached", extra={"shard": manifest.shard_id, "path": str(target)})
@@ -55,7 +57,11 @@ class ShardStore:
             raise Unavailable(f"cannot fetch {url}: {error}") from None
 
     async def _download(
-        self, session: aiohttp.ClientSession, url: str, target: Path, manifest: ShardManifest,
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        target: Path,
+        manifest: ShardManifest,
         progress: ProgressCallback,
     ) -> None:
         partial = target.with_suffix(target.suffix + ".part")
@@ -79,8 +85,10 @@ class ShardStore:
             raise Unavailable(f"shard download from {url} failed after {done} bytes: {error}") from None
         if digest.hexdigest() != manifest.sha256 or done != manifest.byte_size:
             partial.unlink(missing_ok=True)
-            raise DataLoss(f"shard from {url}: got {done} bytes with sha256 {digest.hexdigest()}, expected "
-                           f"{manifest.byte_size} bytes with sha256 {manifest.sha256}")
+            raise DataLoss(
+                f"shard from {url}: got {done} bytes with sha256 {digest.hexdigest()}, expected "
+                f"{manifest.byte_size} bytes with sha256 {manifest.sha256}"
+            )
         os.replace(partial, target)
         await progress(done, manifest.byte_size)
         log.info("shard_downloaded", extra={"shard": manifest.shard_id, "bytes": done})

@@ -86,8 +86,10 @@ class StageWorker:
                 raise InvalidArgument(f"request {frame.request_id}: token id outside [0, vocab_size)")
             return ids.to(self.device)
         if frame.msg_type is not syn1.MessageType.ACTIVATION:
-            raise InvalidArgument(f"stage [{self.stage.start}, {self.stage.end}) takes ACTIVATION frames, "
-                                  f"got {frame.msg_type.name}")
+            raise InvalidArgument(
+                f"stage [{self.stage.start}, {self.stage.end}) takes ACTIVATION frames, "
+                f"got {frame.msg_type.name}"
+            )
         return torch.from_numpy(np.ascontiguousarray(frame.to_float32())).to(self.device, self.dtype)
 
     def _cache_for(self, frame: syn1.Frame) -> KVCache:
@@ -112,4 +114,6 @@ class StageWorker:
         if self.top_k == 0:
             return syn1.Frame.logits(frame.request_id, position, logits.float().cpu().numpy())
         values, ids = top_k(logits.float(), min(self.top_k, logits.shape[-1]))
-        return syn1.Frame.output(frame.request_id, position, values.cpu().numpy(), ids.to(torch.int32).cpu().numpy())
+        return syn1.Frame.output(
+            frame.request_id, position, values.cpu().numpy(), ids.to(torch.int32).cpu().numpy()
+        )

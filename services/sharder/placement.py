@@ -99,14 +99,12 @@ def _ranked(nodes: Sequence[NodeCapacity]) -> list[_Node]:
     return ranked
 
 
-def _cap(footprint: ModelFootprint, node: _Node, limit: Fraction | None, *, first: bool, last: bool) -> int:
-    """Most layers `node` can run in a given role within its memory and, if given, within time `limit`."""
+def _cap(footprint: ModelFootprint, node: _Node, limit: Fraction, *, first: bool, last: bool) -> int:
+    """Most layers `node` can run in a given role within its memory and within time `limit`."""
     free = node.memory_bytes - footprint.extra_bytes(first=first, last=last)
-    cap = min(max(free, 0) // footprint.per_layer_bytes, footprint.n_layer)
-    if limit is not None:
-        head = Fraction(footprint.head_work_layers) if last else Fraction(0)
-        cap = min(cap, math.floor(limit * node.speed - head))
-    return max(cap, 0)
+    head = Fraction(footprint.head_work_layers) if last else Fraction(0)
+    in_time = math.floor(limit * node.speed - head)
+    return max(min(max(free, 0) // footprint.per_layer_bytes, footprint.n_layer, in_time), 0)
 
 
 def _time_limits(footprint: ModelFootprint, nodes: list[_Node], most_layers: int) -> list[Fraction]:
@@ -134,11 +132,8 @@ def _plan_every_node(footprint: ModelFootprint, nodes: list[_Node]) -> list[Assi
     """At least one layer on every node (2 <= len(nodes) <= n_layer); None when memory cannot allow it."""
     if len(nodes) < 2:
         return None
-
-    def choose(limit: Fraction) -> tuple[list[_Node], list[int]] | None:
-        return _choose_roles(footprint, nodes, limit)
-
-    chosen = _smallest_feasible(_time_limits(footprint, nodes, footprint.n_layer), choose)
+    limits = _time_limits(footprint, nodes, footprint.n_layer)
+    chosen = _smallest_feasible(limits, lambda limit: _choose_roles(footprint, nodes, limit))
     if chosen is None:
         return None
     order, caps = chosen

@@ -16,7 +16,8 @@ class SharderSettings(ServiceSettings):
 
     port: int = Field(50053, ge=0, le=65535, description="gRPC port of the sharder; 0 picks a free one.")
     model: str = Field(
-        "gpt2", description="Checkpoint to serve: a local folder (config.json + model.safetensors) or a hub name."
+        "gpt2",
+        description="Checkpoint to serve: a local folder (config.json + model.safetensors) or a hub name.",
     )
     shards_dir: Path = Field(Path("var/shards"), description="Where shard files and manifests are written.")
     dtype: Literal["float16", "float32"] = Field("float16", description="Element type of written shards.")

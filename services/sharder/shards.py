@@ -316,7 +316,7 @@ def _write_shard(
             tensor = checkpoint.tensors[name].detach().to("cpu", torch_dtype).contiguous()
             if not torch.isfinite(tensor).all():
                 raise InvalidArgument(f"tensor {name!r} overflows {dtype}; shard as float32")
-            data = memoryview(tensor.numpy()).cast("B")  # little-endian, like safetensors
+            data = memoryview(tensor.numpy()).cast("B")  # host order: little-endian, as safetensors wants
             digest.update(data)
             handle.write(data)
             progress(len(data))
@@ -378,8 +378,8 @@ def _write_temp(directory: Path, write: Callable[[BinaryIO], object]) -> Path:
     descriptor, name = tempfile.mkstemp(dir=directory, prefix=".", suffix=".tmp")
     path = Path(name)
     try:
-        os.fchmod(descriptor, 0o644)  # mkstemp makes 0600; shards are served to other processes
         with os.fdopen(descriptor, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o644)  # mkstemp makes 0600; shards are served to other processes
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())

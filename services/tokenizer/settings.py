@@ -22,6 +22,13 @@ class TokenizerSettings(ServiceSettings):
         False, description="Let tiktoken download the vocabulary when it is missing (needs internet)."
     )
     max_input_chars: int = Field(
-        1_000_000, gt=0, description="Longest text one Encode accepts, in characters; longer is INVALID_ARGUMENT."
+        1_000_000,
+        gt=0,
+        description="Longest text one Encode accepts, in characters; longer is INVALID_ARGUMENT.",
+    )
+    max_tokens: int = Field(
+        8192,
+        gt=0,
+        description="Most ids one text may encode to, or one Decode carry; more is INVALID_ARGUMENT.",
     )
     max_batch: int = Field(1024, gt=0, description="Most texts or sequences in one batched call.")

@@ -14,6 +14,9 @@ MIN_BUFFER_BYTES = 16
 STORAGE_USAGE = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC | wgpu.BufferUsage.COPY_DST
 UNIFORM_USAGE = wgpu.BufferUsage.UNIFORM | wgpu.BufferUsage.COPY_DST
 Constants = Mapping[str, int | float | bool]
+BufferRange = tuple[
+    wgpu.GPUBuffer, int, int
+]  # (buffer, byte offset, byte size): a binding of part of a buffer
 
 
 class NoAdapter(RuntimeError):
@@ -58,14 +61,17 @@ class WgslRunner:
                 code = (KERNEL_DIR / f"{kernel}.wgsl").read_text()
                 self._modules[kernel] = self.device.create_shader_module(label=kernel, code=code)
             compute = {"module": self._modules[kernel], "entry_point": "main", "constants": dict(key[1])}
-            self._pipelines[key] = self.device.create_compute_pipeline(label=kernel, layout="auto", compute=compute)
+            self._pipelines[key] = self.device.create_compute_pipeline(
+                label=kernel, layout="auto", compute=compute
+            )
         return self._pipelines[key]
 
     def storage(self, data: np.ndarray) -> wgpu.GPUBuffer:
         """A storage buffer holding `data` (C order, its own dtype: float32, float16 bits as uint16, uint32)."""
         raw = np.ascontiguousarray(data).tobytes()
-        padded = raw + bytes(-len(raw) % 4 + max(0, MIN_BUFFER_BYTES - len(raw) - (-len(raw) % 4)))
-        return self.device.create_buffer_with_data(data=padded, usage=STORAGE_USAGE)
+        raw += bytes(-len(raw) % 4)
+        raw += bytes(max(0, MIN_BUFFER_BYTES - len(raw)))
+        return self.device.create_buffer_with_data(data=raw, usage=STORAGE_USAGE)
 
     def empty(self, count: int, dtype: type = np.float32) -> wgpu.GPUBuffer:
         """A zero-filled storage buffer of `count` elements of `dtype`."""
@@ -75,18 +81,20 @@ class WgslRunner:
         """A params struct: Python ints as u32, floats as f32, in order, zero-padded to a multiple of 16 bytes."""
         words = [np.float32(f).view(np.uint32) if isinstance(f, float) else np.uint32(f) for f in fields]
         words += [np.uint32(0)] * (-len(words) % 4)
-        return self.device.create_buffer_with_data(data=np.array(words, np.uint32).tobytes(), usage=UNIFORM_USAGE)
+        return self.device.create_buffer_with_data(
+            data=np.array(words, np.uint32).tobytes(), usage=UNIFORM_USAGE
+        )
 
     def dispatch(
         self,
         kernel: str,
-        bindings: Sequence[wgpu.GPUBuffer],
+        bindings: Sequence[wgpu.GPUBuffer | BufferRange],
         workgroups: tuple[int, int, int],
         constants: Constants | None = None,
     ) -> None:
-        """Run one dispatch; bindings[i] is @group(0) @binding(i)."""
+        """Run one dispatch; bindings[i] is @group(0) @binding(i): a whole buffer or (buffer, offset, size)."""
         pipeline = self.pipeline(kernel, constants)
-        entries = [{"binding": i, "resource": {"buffer": buffer}} for i, buffer in enumerate(bindings)]
+        entries = [{"binding": i, "resource": _resource(binding)} for i, binding in enumerate(bindings)]
         bind_group = self.device.create_bind_group(layout=pipeline.get_bind_group_layout(0), entries=entries)
         encoder = self.device.create_command_encoder()
         compute_pass = encoder.begin_compute_pass()
@@ -107,3 +115,10 @@ def linear_groups(groups: int) -> tuple[int, int, int]:
     """A 1D count of workgroups laid out as (x, y, 1) under the 65535-per-dimension default limit."""
     limit = 65535
     return (min(groups, limit), -(-groups // limit), 1)
+
+
+def _resource(binding: wgpu.GPUBuffer | BufferRange) -> dict[str, object]:
+    if isinstance(binding, tuple):
+        buffer, offset, size = binding
+        return {"buffer": buffer, "offset": offset, "size": size}
+    return {"buffer": binding}

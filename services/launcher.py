@@ -1,0 +1,204 @@
+"""Start the whole stack as separate processes (tokenizer, sampler, sharder, gateways, router, nodes).
+
+Used by `synapse up` and by the end-to-end tests; each service gets its settings through its
+`SYNAPSE_<SERVICE>_*` variables and logs to <workdir>/logs/<name>.log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.errors import Unavailable
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+    grpc_address: str | None = None
+
+    def tail(self, lines: int = 40) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+
+@dataclass
+class Stack:
+    model: str
+    workdir: Path
+    nodes: int = 2
+    gateways: int = 1
+    redis_url: str | None = None
+    random_fallback: bool = True
+    node_env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    processes: list[Process] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.ports = {
+            name: free_port() for name in ("tokenizer", "sampler", "sharder", "sharder_http", "router")
+        }
+        self.gateway_ports = [(free_port(), free_port()) for _ in range(self.gateways)]  # (grpc, ws)
+        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+
+    @property
+    def router_address(self) -> str:
+        return f"127.0.0.1:{self.ports['router']}"
+
+    def gateway_url(self, index: int = 0) -> str:
+        return f"ws://127.0.0.1:{self.gateway_ports[index][1]}/ws"
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        common = {"LOG_FORMAT": "json"}
+        self._spawn(
+            "tokenizer", {"PORT": self.ports["tokenizer"], **common}, grpc_port=self.ports["tokenizer"]
+        )
+        self._spawn("sampler", {"PORT": self.ports["sampler"], **common}, grpc_port=self.ports["sampler"])
+        self._spawn(
+            "sharder",
+            {
+                "PORT": self.ports["sharder"],
+                "HTTP_PORT": self.ports["sharder_http"],
+                "MODEL": self.model,
+                "SHARDS_DIR": self.workdir / "shards",
+                "RANDOM_FALLBACK": str(self.random_fallback).lower(),
+                **common,
+            },
+            grpc_port=self.ports["sharder"],
+        )
+        for index, (grpc_port, ws_port) in enumerate(self.gateway_ports):
+            self._spawn(
+                "gateway",
+                {"PORT": grpc_port, "WS_PORT": ws_port, "GATEWAY_ID": f"gateway-{index}", **common},
+                grpc_port=grpc_port,
+                name=f"gateway-{index}",
+            )
+        self.wait_healthy(timeout_s)
+        gateways = ",".join(f'"127.0.0.1:{grpc_port}"' for grpc_port, _ in self.gateway_ports)
+        self._spawn(
+            "router",
+            {
+                "PORT": self.ports["router"],
+                "GATEWAYS": f"[{gateways}]",
+                "TOKENIZER_ADDRESS": f"127.0.0.1:{self.ports['tokenizer']}",
+                "SHARDER_ADDRESS": f"127.0.0.1:{self.ports['sharder']}",
+                **common,
+            },
+            grpc_port=self.ports["router"],
+        )
+        for index in range(self.nodes):
+            self.add_node(f"node-{index}", gateway=index % self.gateways)
+        self.wait_healthy(timeout_s)
+
+    def add_node(self, node_id: str, gateway: int = 0, **settings: object) -> Process:
+        values = {
+            "GATEWAY_URL": self.gateway_url(gateway),
+            "NODE_ID": node_id,
+            "LOG_FORMAT": "json",
+            "CACHE_DIR": self.workdir / "node-cache" / node_id,
+            "THREADS": 1,
+            **settings,
+        }
+        return self._spawn("node", values, name=node_id, extra=self.node_env)
+
+    def _spawn(
+        self,
+        service: str,
+        settings: dict[str, object],
+        *,
+        grpc_port: int | None = None,
+        name: str | None = None,
+        extra: dict[str, str] | None = None,
+    ) -> Process:
+        name = name or service
+        env = {**os.environ, **self.env, **(extra or {})}
+        if self.redis_url:
+            env["SYNAPSE_REDIS_URL"] = self.redis_url
+        prefix = f"SYNAPSE_{service.upper()}_"
+        env.update({prefix + key: str(value) for key, value in settings.items()})
+        log_path = self.workdir / "logs" / f"{name}.log"
+        with log_path.open("ab") as log_file:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", f"services.{service}"],
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        process = Process(name, popen, log_path, f"127.0.0.1:{grpc_port}" if grpc_port else None)
+        self.processes.append(process)
+        return process
+
+    def process(self, name: str) -> Process:
+        return next(p for p in self.processes if p.name == name)
+
+    def wait_healthy(self, timeout_s: float) -> None:
+        """Block until every gRPC service answers SERVING; a process that dies fails at once with its log."""
+        deadline = time.monotonic() + timeout_s
+        for process in self.processes:
+            while process.grpc_address:
+                if process.popen.poll() is not None:
+                    raise Unavailable(
+                        f"{process.name} exited with {process.popen.returncode}:\n{process.tail()}"
+                    )
+                if _serving(process.grpc_address):
+                    break
+                if time.monotonic() > deadline:
+                    raise Unavailable(
+                        f"{process.name} not healthy after {timeout_s:.0f} s:\n{process.tail()}"
+                    )
+                time.sleep(0.2)
+
+    def stop_process(self, process: Process, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> None:
+        if process.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.popen.pid, sig)
+            try:
+                process.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.popen.pid, signal.SIGKILL)
+                process.popen.wait()
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            self.stop_process(process)
+
+    def __enter__(self) -> Stack:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _serving(address: str) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+        except grpc.RpcError:
+            return False
+    return response.status == health_pb2.HealthCheckResponse.SERVING

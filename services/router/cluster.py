@@ -1,0 +1,218 @@
+"""The router's view of the cluster: node events from every gateway, re-planning with hysteresis, pipelines."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import grpc
+
+from services.common.errors import Unavailable
+from services.common.pb import (
+    common_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    router_pb2,
+    sharder_pb2,
+    sharder_pb2_grpc,
+)
+from services.common.server import channel
+from services.router import metrics
+from services.router.settings import RouterSettings
+from services.router.topology import NodeView, Pipeline, build_pipelines, describe_missing
+
+log = logging.getLogger(__name__)
+
+_STATE = {
+    router_pb2.NODE_STATE_JOINED: "joined",
+    router_pb2.NODE_STATE_LOADING: "loading",
+    router_pb2.NODE_STATE_READY: "ready",
+    router_pb2.NODE_STATE_GONE: "gone",
+}
+_KIND = {common_pb2.NODE_KIND_NATIVE: "native", common_pb2.NODE_KIND_WEB: "web"}
+_DTYPE = {
+    "float16": common_pb2.DTYPE_FLOAT16,
+    "float32": common_pb2.DTYPE_FLOAT32,
+    "int8": common_pb2.DTYPE_INT8,
+}
+
+
+def node_view(event: gateway_pb2.NodeEvent) -> NodeView:
+    node = event.node
+    layers = (node.layers.start, node.layers.end) if node.HasField("layers") else None
+    return NodeView(
+        node.node_id,
+        _KIND.get(node.kind, "native"),
+        node.device,
+        node.memory_bytes,
+        node.speed,
+        _STATE.get(node.state, "gone"),
+        layers,
+        node.shard_id,
+        node.gateway_id,
+        event.gateway_address,
+        event.version,
+    )
+
+
+class Cluster:
+    """Keeps nodes, the plan and the pipelines current; wakes waiters when pipelines change."""
+
+    def __init__(self, settings: RouterSettings) -> None:
+        self.settings = settings
+        self.nodes: dict[str, NodeView] = {}
+        self.pipelines: list[Pipeline] = []
+        self.model_id = settings.model
+        self.config: common_pb2.ModelConfig | None = None
+        self.changed = asyncio.Condition()
+        self._sharder = sharder_pb2_grpc.ShardServiceStub(channel(settings.sharder_address))
+        self._gateway_stubs: dict[str, gateway_pb2_grpc.GatewayServiceStub] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._membership_changed = asyncio.Event()
+        self._planned_members: frozenset[str] = frozenset()
+
+    async def start(self) -> None:
+        models = await self._sharder.ListModels(
+            sharder_pb2.ListModelsRequest(), timeout=self.settings.call_timeout_s
+        )
+        chosen = [m for m in models.models if not self.settings.model or m.model_id == self.settings.model]
+        if not chosen:
+            raise Unavailable(
+                f"sharder at {self.settings.sharder_address} does not serve model "
+                f"{self.settings.model!r}; it has {[m.model_id for m in models.models]}"
+            )
+        self.model_id, self.config = chosen[0].model_id, chosen[0].config
+        self._tasks = [asyncio.create_task(self._watch(address)) for address in self.settings.gateways]
+        self._tasks.append(asyncio.create_task(self._replan_loop()))
+        log.info("cluster_started", extra={"model": self.model_id, "n_layer": self.config.n_layer})
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    @property
+    def n_layer(self) -> int:
+        assert self.config is not None
+        return self.config.n_layer
+
+    def gateway(self, address: str) -> gateway_pb2_grpc.GatewayServiceStub:
+        if address not in self._gateway_stubs:
+            self._gateway_stubs[address] = gateway_pb2_grpc.GatewayServiceStub(channel(address))
+        return self._gateway_stubs[address]
+
+    async def _watch(self, address: str) -> None:
+        """Follow one gateway's node events forever, reconnecting when its stream breaks."""
+        while True:
+            try:
+                async for event in self.gateway(address).WatchNodes(gateway_pb2.WatchNodesRequest()):
+                    await self._apply(node_view(event))
+            except grpc.aio.AioRpcError as error:
+                log.warning("gateway_watch_broken", extra={"gateway": address, "code": error.code().name})
+            await self._forget_gateway(address)
+            await asyncio.sleep(1.0)
+
+    async def _forget_gateway(self, address: str) -> None:
+        for node in [n for n in self.nodes.values() if n.gateway_address == address and n.state != "gone"]:
+            await self._apply(NodeView(**{**node.__dict__, "state": "gone", "version": node.version + 1}))
+
+    async def _apply(self, view: NodeView) -> None:
+        current = self.nodes.get(view.node_id)
+        if current is not None and current.version >= view.version:
+            return  # stale: another gateway already told us something newer
+        self.nodes[view.node_id] = view
+        live = frozenset(node_id for node_id, node in self.nodes.items() if node.state != "gone")
+        if live != self._planned_members:
+            self._membership_changed.set()
+        await self._rebuild()
+
+    async def _rebuild(self) -> None:
+        assert self.config is not None
+        self.pipelines = build_pipelines(list(self.nodes.values()), self.config.n_layer)
+        metrics.PIPELINES.set(len(self.pipelines))
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def _replan_loop(self) -> None:
+        """Re-plan once membership has settled: a burst of joins/leaves costs one plan, not one each."""
+        while True:
+            await self._membership_changed.wait()
+            while True:
+                self._membership_changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._membership_changed.wait(), self.settings.replan_settle_s)
+                if not self._membership_changed.is_set():
+                    break
+            try:
+                await self._replan()
+            except (grpc.aio.AioRpcError, Unavailable) as error:
+                log.warning("replan_failed", extra={"error": str(error)})
+                await asyncio.sleep(1.0)
+                self._membership_changed.set()
+
+    async def _replan(self) -> None:
+        live = sorted((n for n in self.nodes.values() if n.state != "gone"), key=lambda n: n.node_id)
+        self._planned_members = frozenset(node.node_id for node in live)
+        if not live:
+            return
+        request = sharder_pb2.PlanRequest(
+            model_id=self.model_id,
+            nodes=[
+                common_pb2.NodeCapacity(node_id=n.node_id, memory_bytes=n.memory_bytes, speed=n.speed)
+                for n in live
+            ],
+        )
+        plan = await self._sharder.Plan(request, timeout=self.settings.call_timeout_s * 6)
+        metrics.REPLANS.inc()
+        log.info(
+            "plan_made",
+            extra={
+                "nodes": len(live),
+                "stages": [f"{a.node_id}:[{a.layers.start},{a.layers.end})" for a in plan.assignments],
+            },
+        )
+        by_id = {node.node_id: node for node in live}
+        for assignment in plan.assignments:
+            node = by_id[assignment.node_id]
+            if (
+                node.layers == (assignment.layers.start, assignment.layers.end)
+                and node.shard_id == assignment.shard_id
+                and node.state in ("ready", "loading")
+            ):
+                continue  # already holds it
+            await self.gateway(node.gateway_address).AssignShard(
+                gateway_pb2.AssignShardRequest(
+                    node_id=node.node_id,
+                    shard_id=assignment.shard_id,
+                    layers=assignment.layers,
+                    shard_url=assignment.shard_url,
+                    manifest_url=assignment.manifest_url,
+                    sha256=assignment.sha256,
+                    size_bytes=assignment.size_bytes,
+                    top_k=self.settings.top_k,
+                    activation_dtype=_DTYPE[self.settings.activation_dtype],
+                ),
+                timeout=self.settings.call_timeout_s,
+            )
+
+    async def wait_for_pipeline(self, timeout_s: float) -> list[Pipeline]:
+        """The current pipelines; waits up to timeout_s for one; none -> UNAVAILABLE saying what is missing."""
+        if self.pipelines:
+            return self.pipelines
+        with contextlib.suppress(TimeoutError):
+            async with self.changed:
+                await asyncio.wait_for(self.changed.wait_for(lambda: bool(self.pipelines)), timeout_s)
+        if not self.pipelines:
+            raise Unavailable(describe_missing(list(self.nodes.values()), self.n_layer))
+        return self.pipelines
+
+    def mark_suspect(self, node_id: str) -> None:
+        """A step failed on this node: stop routing over it until the gateway says otherwise."""
+        node = self.nodes.get(node_id)
+        if node is not None and node.state == "ready":
+            self.nodes[node_id] = NodeView(**{**node.__dict__, "state": "gone"})
+            self.pipelines = build_pipelines(list(self.nodes.values()), self.n_layer)
+            self._membership_changed.set()

@@ -1,0 +1,207 @@
+"""The generation loop: requests batched into pipeline steps, several steps in flight to keep stages busy."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import time
+
+from services.common import syn1
+from services.common.errors import DeadlineExceeded, Unavailable
+from services.common.pb import gateway_pb2
+from services.gateway.peers import PeerGateways
+from services.router import metrics
+from services.router.cluster import Cluster
+from services.router.requests import Generation, TokenEvent, candidates_of
+from services.router.settings import RouterSettings
+from services.router.topology import Pipeline
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    """Assigns requests to pipelines and runs one scheduler per pipeline."""
+
+    def __init__(self, settings: RouterSettings, cluster: Cluster) -> None:
+        self.settings = settings
+        self.cluster = cluster
+        self.gateways = PeerGateways()
+        self.schedulers: dict[tuple[str, ...], Scheduler] = {}
+        self._wire_ids = itertools.count(1)
+        self._step_ids = itertools.count(1)
+
+    def next_wire_id(self) -> int:
+        return next(self._wire_ids) % 0xFFFF_FFFF or next(self._wire_ids)
+
+    async def submit(self, generation: Generation) -> None:
+        """Put the request on the least loaded pipeline (waiting for one if none is complete)."""
+        pipelines = await self.cluster.wait_for_pipeline(self.settings.pipeline_wait_s)
+        live = {pipeline.key for pipeline in pipelines}
+        for key in [key for key in self.schedulers if key not in live]:
+            self.schedulers.pop(key).retire()
+        for pipeline in pipelines:
+            if pipeline.key not in self.schedulers:
+                self.schedulers[pipeline.key] = Scheduler(self, pipeline)
+        scheduler = min(
+            (self.schedulers[p.key] for p in pipelines), key=lambda s: (len(s.requests), s.pipeline.key)
+        )
+        scheduler.add(generation)
+
+    async def cancel(self, generation: Generation) -> None:
+        for scheduler in self.schedulers.values():
+            if generation in scheduler.requests:
+                await scheduler.finish(generation)
+
+    async def close(self) -> None:
+        for scheduler in self.schedulers.values():
+            scheduler.retire()
+        await self.gateways.close()
+
+
+class Scheduler:
+    """One pipeline: micro-batches of waiting requests, up to one step in flight per stage."""
+
+    def __init__(self, engine: Engine, pipeline: Pipeline) -> None:
+        self.engine, self.pipeline = engine, pipeline
+        self.requests: list[Generation] = []
+        self._wake = asyncio.Event()
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._task = asyncio.create_task(self._loop())
+
+    def add(self, generation: Generation) -> None:
+        self.requests.append(generation)
+        self._wake.set()
+
+    def retire(self) -> None:
+        """The pipeline is gone: hand its requests back to the engine for replay elsewhere."""
+        self._task.cancel()
+        for generation in list(self.requests):
+            self.requests.remove(generation)
+            asyncio.create_task(self._failover(generation, "pipeline retired"))
+
+    async def finish(self, generation: Generation) -> None:
+        if generation in self.requests:
+            self.requests.remove(generation)
+            await self.engine.gateways.get(self._entry).release([generation.wire_id], self.pipeline.node_ids)
+
+    @property
+    def _entry(self) -> str:
+        return self.pipeline.stages[0].gateway_address
+
+    async def _loop(self) -> None:
+        stages = len(self.pipeline.stages)
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while len(self._inflight) < stages:
+                ready = [g for g in self.requests if not g.in_flight and not g.done]
+                if not ready:
+                    break
+                # Split the active requests into one micro-batch per stage so every stage has work.
+                size = min(self.engine.settings.max_batch, math.ceil(len(self.requests) / stages))
+                batch = ready[:size]
+                for generation in batch:
+                    generation.in_flight = True
+                task = asyncio.create_task(self._step(batch))
+                self._inflight.add(task)
+                task.add_done_callback(self._step_done)
+
+    def _step_done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._wake.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("step_crashed", exc_info=task.exception())
+
+    def _route(self) -> list[gateway_pb2.Stage]:
+        return [
+            gateway_pb2.Stage(
+                node_id=s.node_id,
+                layers={"start": s.layers[0], "end": s.layers[1]},
+                gateway_address=s.gateway_address,
+            )
+            for s in self.pipeline.stages
+        ]
+
+    async def _step(self, batch: list[Generation]) -> None:
+        now = time.monotonic()
+        expired = [g for g in batch if g.deadline is not None and now > g.deadline]
+        for generation in expired:
+            generation.in_flight = False
+            await self._fail(generation, DeadlineExceeded("deadline passed before the request finished"))
+        batch = [g for g in batch if g not in expired]
+        if not batch:
+            return
+        request = gateway_pb2.StepRequest(step_id=next(self.engine._step_ids), route=self._route())
+        for generation in batch:
+            request.items.items.add(
+                request_id=generation.wire_id, position=generation.position, token_ids=generation.pending
+            )
+        started = time.perf_counter()
+        try:
+            response = await self.engine.gateways.get(self._entry).step(
+                request, self.engine.settings.step_timeout_s
+            )
+        except Unavailable as error:
+            response = gateway_pb2.StepResponse(error=gateway_pb2.StepError(message=str(error)))
+        wall_s = time.perf_counter() - started
+        for generation in batch:
+            generation.in_flight = False
+        if response.HasField("error") and response.error.message:
+            await self._step_failed(batch, response.error)
+            return
+        compute_ms = sum(hop.compute_ms for hop in response.hops)
+        metrics.STEP_SECONDS.observe(wall_s)
+        metrics.STEP_COMPUTE_SECONDS.observe(compute_ms / 1e3)
+        metrics.STEP_OVERHEAD_SECONDS.observe(max(wall_s - compute_ms / 1e3, 0.0))
+        metrics.BATCH_SIZE.observe(len(batch))
+        outputs = {frame.request_id: frame for frame in syn1.decode_frames(response.frames)}
+        for generation in batch:
+            frame = outputs.get(generation.wire_id)
+            if frame is None:
+                await self._fail(
+                    generation, Unavailable("the last stage returned no output for this request")
+                )
+                continue
+            if generation.position == 0 and not generation.generated:
+                metrics.TOKENS.labels("prompt").inc(len(generation.pending))
+            event = generation.accept(candidates_of(frame.array[-1], frame.token_ids[-1]), compute_ms)
+            metrics.TOKENS.labels("generated").inc()
+            self._emit(generation, event)
+            if generation.done:
+                await self.finish(generation)
+
+    def _emit(self, generation: Generation, event: TokenEvent) -> None:
+        if len(generation.generated) == 1:
+            metrics.TTFT.observe(time.perf_counter() - generation.started)
+        else:
+            metrics.TPOT.observe(event.step_ms / 1e3)
+        generation.events.put_nowait(event)
+
+    async def _step_failed(self, batch: list[Generation], error: gateway_pb2.StepError) -> None:
+        log.warning(
+            "step_failed", extra={"node": error.node_id, "error": error.message, "requests": len(batch)}
+        )
+        if error.node_id:
+            self.engine.cluster.mark_suspect(error.node_id)
+        for generation in batch:
+            if generation in self.requests:
+                self.requests.remove(generation)
+                await self._failover(generation, error.message)
+
+    async def _failover(self, generation: Generation, why: str) -> None:
+        """Replay the request's tokens on a (new) pipeline so its caches are rebuilt; the stream goes on."""
+        generation.rewind()
+        metrics.FAILOVERS.inc()
+        log.info("request_failover", extra={"request_id": generation.request_id, "why": why})
+        try:
+            await self.engine.submit(generation)
+        except Unavailable as error:
+            await self._fail(generation, error)
+
+    async def _fail(self, generation: Generation, error: BaseException) -> None:
+        if generation in self.requests:
+            self.requests.remove(generation)
+        generation.finish_reason = generation.finish_reason or "error"
+        generation.events.put_nowait(error)

@@ -1,0 +1,123 @@
+"""One generation request's state: tokens so far, sampling, streaming text, stop conditions. Pure."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from services.sampler.sampling import Candidates, RequestSampler, SampleResult, SamplingParams
+from services.tokenizer.tokenization import IncrementalDecoder
+
+FINISH_LENGTH, FINISH_EOS, FINISH_STOP = "length", "eos", "stop"
+
+
+@dataclass
+class TokenEvent:
+    token_id: int | None
+    text: str
+    logprob: float = 0.0
+    top_logprobs: tuple = ()
+    step_ms: float = 0.0
+    compute_ms: float = 0.0
+    finish_reason: str | None = None
+
+
+@dataclass
+class Generation:
+    """A request in flight. `position` = tokens the pipeline's KV caches hold; `pending` = tokens to send."""
+
+    request_id: str
+    wire_id: int
+    prompt_ids: list[int]
+    max_tokens: int
+    stop: list[str]
+    ignore_eos: bool
+    eos_id: int
+    sampler: RequestSampler
+    decoder: IncrementalDecoder
+    deadline: float | None = None  # time.monotonic()
+    generated: list[int] = field(default_factory=list)
+    position: int = 0
+    pending: list[int] = field(default_factory=list)
+    events: asyncio.Queue[TokenEvent | BaseException] = field(default_factory=asyncio.Queue)
+    started: float = field(default_factory=time.perf_counter)
+    last_token_at: float = 0.0
+    first_token_at: float | None = None
+    finish_reason: str | None = None
+    failovers: int = 0
+    in_flight: bool = False
+    _held_text: str = ""  # text withheld because it may be the start of a stop string
+
+    def __post_init__(self) -> None:
+        self.pending = list(self.prompt_ids)
+        self.last_token_at = self.started
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def rewind(self) -> None:
+        """The pipeline lost this request's caches: replay every token so far from position 0."""
+        self.position = 0
+        self.pending = self.prompt_ids + self.generated
+        self.failovers += 1
+
+    def accept(self, candidates: Candidates, compute_ms: float) -> TokenEvent:
+        """The last stage's output for the newest position -> the next token, its text, maybe the finish."""
+        result: SampleResult = self.sampler.sample(candidates)
+        now = time.perf_counter()
+        step_ms, self.last_token_at = (now - self.last_token_at) * 1e3, now
+        self.first_token_at = self.first_token_at or now
+        self.position += len(self.pending)
+        token = result.token_id
+        self.generated.append(token)
+        self.pending = [token]
+        event = TokenEvent(token, "", result.logprob, result.top_logprobs, step_ms, compute_ms)
+        if token == self.eos_id and not self.ignore_eos:
+            event.token_id, event.finish_reason = token, FINISH_EOS
+            event.text = self._release_text(self.decoder.flush(), final=True)
+        else:
+            event.text = self._release_text(self.decoder.push(token), final=False)
+        if event.finish_reason is None and self.finish_reason is None:
+            if len(self.generated) >= self.max_tokens:
+                event.finish_reason = FINISH_LENGTH
+                event.text += self._release_text(self.decoder.flush(), final=True)
+        if self.finish_reason is not None:  # a stop string matched inside _release_text
+            event.finish_reason = self.finish_reason
+        self.finish_reason = event.finish_reason
+        return event
+
+    def _release_text(self, delta: str, *, final: bool) -> str:
+        """Stream text, but hold back a tail that could still become a stop string; cut at a full match."""
+        text = self._held_text + delta
+        for stop in self.stop:
+            index = text.find(stop)
+            if index >= 0:
+                self.finish_reason = FINISH_STOP
+                self._held_text = ""
+                return text[:index]
+        if final or not self.stop:
+            self._held_text = ""
+            return text
+        hold = max((_overlap(text, stop) for stop in self.stop), default=0)
+        self._held_text = text[len(text) - hold :] if hold else ""
+        return text[: len(text) - hold]
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest suffix of text that is a proper prefix of stop."""
+    for size in range(min(len(text), len(stop) - 1), 0, -1):
+        if stop.startswith(text[-size:]):
+            return size
+    return 0
+
+
+def make_sampler(params: SamplingParams, prompt_ids: list[int]) -> RequestSampler:
+    return RequestSampler(params, prompt_ids)
+
+
+def candidates_of(values: np.ndarray, token_ids: np.ndarray) -> Candidates:
+    return Candidates(np.asarray(values, dtype=np.float32).reshape(-1), np.asarray(token_ids).reshape(-1))

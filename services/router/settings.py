@@ -1,0 +1,43 @@
+"""Settings of the topology-router (`SYNAPSE_ROUTER_*`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import ServiceSettings
+
+
+class RouterSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="SYNAPSE_ROUTER_", extra="ignore")
+
+    port: int = Field(50050, ge=0, le=65535, description="Public gRPC port (Generate); 0 picks a free one.")
+    gateways: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1:50055"],
+        description='gRPC addresses of the gateways, JSON list (e.g. \'["gw1:50055","gw2:50055"]\').',
+    )
+    tokenizer_address: str = Field("127.0.0.1:50051", description="gRPC address of the tokenizer service.")
+    sharder_address: str = Field("127.0.0.1:50053", description="gRPC address of the sharder service.")
+    model: str = Field("", description="Model id to serve; empty = the sharder's default.")
+    vocab_cache_dir: Path = Field(
+        Path.home() / ".cache" / "synapse" / "tiktoken",
+        description="tiktoken cache for in-process streaming detokenization (same files as the tokenizer's).",
+    )
+    default_max_tokens: int = Field(64, gt=0, description="max_tokens when a request leaves it 0.")
+    max_tokens_limit: int = Field(4096, gt=0, description="Largest max_tokens a request may ask for.")
+    top_k: int = Field(64, ge=0, description="Candidates the last stage returns per token (0 = full logits).")
+    activation_dtype: Literal["float16", "float32", "int8"] = Field(
+        "float16", description="Wire dtype of activations between stages."
+    )
+    max_batch: int = Field(32, gt=0, description="Most requests in one pipeline step.")
+    pipeline_wait_s: float = Field(
+        10.0, ge=0, description="How long a request waits for a complete pipeline before UNAVAILABLE."
+    )
+    replan_settle_s: float = Field(
+        1.0, ge=0, description="Membership must be unchanged this long before a re-plan (no storms on churn)."
+    )
+    step_timeout_s: float = Field(60.0, gt=0, description="Longest one pipeline step may take.")
+    call_timeout_s: float = Field(10.0, gt=0, description="Deadline of unary calls to the other services.")

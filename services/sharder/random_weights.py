@@ -1,0 +1,38 @@
+"""A GPT-2 of a known shape with random weights, for machines that cannot reach the hub. Always labelled."""
+
+from __future__ import annotations
+
+import torch
+
+from services.common.gpt2.checkpoint import Checkpoint, expected_shapes
+from services.common.gpt2.config import GPT2Config
+
+# Shapes of the hub's GPT-2 family, so an offline stack runs the same arithmetic as the real model.
+HUB_SHAPES = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+}
+RANDOM_SUFFIX = "-random-weights"
+
+
+def known_shape(model: str) -> GPT2Config | None:
+    shape = HUB_SHAPES.get(model.removeprefix("openai-community/"))
+    if shape is None:
+        return None
+    return GPT2Config(vocab_size=50257, n_positions=1024, **shape)
+
+
+def random_checkpoint(config: GPT2Config, model_id: str, *, seed: int = 0) -> Checkpoint:
+    """GPT-2's own initialisation (normal 0.02, LayerNorm 1/0, biases 0), deterministic for a seed."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, shape in expected_shapes(config).items():
+        if ".ln_" in name or name.startswith("ln_"):
+            tensors[name] = torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)
+        elif name.endswith("bias"):
+            tensors[name] = torch.zeros(shape)
+        else:
+            tensors[name] = torch.empty(shape).normal_(0.0, 0.02, generator=generator)
+    return Checkpoint(model_id=model_id + RANDOM_SUFFIX, config=config, tensors=tensors)

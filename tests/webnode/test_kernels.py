@@ -1,0 +1,346 @@
+"""The web node's WGSL kernels, run through wgpu-py against numpy and against transformers' GPT-2.
+
+Longer than most test files: it holds one reference per kernel plus a small GPT-2 driver (GpuGpt2)
+that chains the kernels exactly as the page does, with the dispatch rules of each kernel's header.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import wgpu
+
+from tests.webnode.wgsl_runner import NoAdapter, WgslRunner, linear_groups, request_adapter
+
+INVALID = 0xFFFFFFFF
+LOWEST = np.float32(-3.0e38)
+
+
+@pytest.fixture(scope="module")
+def adapter() -> wgpu.GPUAdapter:
+    try:
+        return request_adapter()
+    except NoAdapter as error:
+        print(f"skipping the WGSL kernel tests: {error}")
+        pytest.skip(str(error))
+
+
+@pytest.fixture(scope="module")
+def gpu(adapter: wgpu.GPUAdapter) -> WgslRunner:
+    return WgslRunner(adapter)
+
+
+@pytest.fixture(scope="module")
+def gpu_f16(adapter: wgpu.GPUAdapter) -> WgslRunner:
+    if "shader-f16" not in adapter.features:
+        reason = f"adapter {adapter.info['device']} ({adapter.info['backend_type']}) lacks shader-f16"
+        print(f"skipping the f16 kernel tests: {reason}")
+        pytest.skip(reason)
+    return WgslRunner(adapter, shader_f16=True)
+
+
+def rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def normal(generator: np.random.Generator, *shape: int, scale: float = 1.0) -> np.ndarray:
+    return (generator.standard_normal(shape) * scale).astype(np.float32)
+
+
+def max_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.max(np.abs(actual.astype(np.float64) - expected)))
+
+
+# ---- dispatch helpers: each follows the "Dispatch:" line of its kernel's header ----
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def run_matmul(gpu, x, w, bias, out, m, k, n, *, activation=0, wx=16, wy=16, kernel="matmul") -> None:
+    constants = {"WORKGROUP_X": wx, "WORKGROUP_Y": wy, "ACTIVATION": activation}
+    groups = (ceil_div(n, 4 * wx), ceil_div(m, 4 * wy), 1)
+    gpu.dispatch(kernel, [gpu.uniform(m, k, n), x, w, bias, out], groups, constants)
+
+
+def run_lm_head(gpu, x, wte, logits, m, k, n, out_stride, out_offset=0, *, kernel="lm_head") -> None:
+    params = gpu.uniform(m, k, n, out_stride, out_offset)
+    gpu.dispatch(kernel, [params, x, wte, logits], (ceil_div(n, 64), ceil_div(m, 64), 1))
+
+
+def run_layernorm(gpu, x, weight, bias, out, rows, n_embd, *, workgroup=128) -> None:
+    params = gpu.uniform(rows, n_embd, 1e-5)
+    gpu.dispatch("layernorm", [params, x, weight, bias, out], (rows, 1, 1), {"WORKGROUP_SIZE": workgroup})
+
+
+def attention_params(gpu, rows, n_embd, n_head, max_positions, slots):
+    return gpu.uniform(rows, n_embd, n_head, max_positions, slots)
+
+
+def run_kv_append(gpu, params, qkv, row_meta, k_cache, v_cache, rows, n_embd) -> None:
+    gpu.dispatch("kv_append", [params, qkv, row_meta, k_cache, v_cache], (ceil_div(n_embd, 64), rows, 1))
+
+
+def run_attention(gpu, params, qkv, row_meta, k_cache, v_cache, out, rows, n_head, *, workgroup=64) -> None:
+    bindings = [params, qkv, row_meta, k_cache, v_cache, out]
+    gpu.dispatch("attention", bindings, (n_head, rows, 1), {"WORKGROUP_SIZE": workgroup})
+
+
+def run_topk(gpu, values, rows, n, k, *, chunk=1024, workgroup=256) -> tuple[np.ndarray, np.ndarray]:
+    """All passes of topk.wgsl over a (rows, n) buffer; returns the (rows, k) values and indices."""
+    indices = gpu.empty(1, np.uint32)
+    indexed = False
+    while True:
+        chunks = ceil_div(n, chunk)
+        out_values, out_indices = gpu.empty(rows * chunks * k), gpu.empty(rows * chunks * k, np.uint32)
+        constants = {"WORKGROUP_SIZE": workgroup, "CHUNK": chunk, "INDEXED": indexed}
+        bindings = [gpu.uniform(rows, n, k), values, indices, out_values, out_indices]
+        gpu.dispatch("topk", bindings, (chunks, rows, 1), constants)
+        if chunks == 1:
+            return gpu.read(out_values, (rows, k)), gpu.read(out_indices, (rows, k), np.uint32)
+        values, indices, n, indexed = out_values, out_indices, chunks * k, True
+
+
+def row_meta_buffer(gpu, placements: list[tuple[int, int]]):
+    return gpu.storage(np.array(placements, np.uint32).reshape(-1))
+
+
+# ---- numpy references ----
+
+
+def gelu_new(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def layernorm_reference(x, weight, bias, eps=1e-5):
+    x = x.astype(np.float64)
+    mean = x.mean(-1, keepdims=True)
+    variance = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(variance + eps) * weight + bias
+
+
+def attention_reference(q_row, k_cache, v_cache, slot, position, n_head):
+    """Output (n_embd,) of one row attending over cache positions [0, position] of its slot."""
+    head_dim = q_row.size // n_head
+    outputs = []
+    for h in range(n_head):
+        q = q_row[h * head_dim : (h + 1) * head_dim].astype(np.float64)
+        keys = k_cache[slot, h, : position + 1].astype(np.float64)
+        scores = keys @ q / math.sqrt(head_dim)
+        weights = np.exp(scores - scores.max())
+        outputs.append(weights / weights.sum() @ v_cache[slot, h, : position + 1])
+    return np.concatenate(outputs)
+
+
+def topk_reference(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the k largest, ties by lower index (a stable sort of -value)."""
+    order = np.argsort(-values, axis=-1, kind="stable")[:, :k]
+    return np.take_along_axis(values, order, -1), order
+
+
+# ---- one test (or a few) per kernel ----
+
+
+@pytest.mark.parametrize(("rows", "n_embd", "workgroup"), [(1, 48, 64), (5, 200, 64), (3, 7, 32)])
+def test_embedding(gpu: WgslRunner, rows: int, n_embd: int, workgroup: int) -> None:
+    g = rng(1)
+    vocab, n_positions = 97, 64
+    wte, wpe = normal(g, vocab, n_embd), normal(g, n_positions, n_embd)
+    ids = g.integers(0, vocab, rows).astype(np.uint32)
+    positions = g.integers(0, n_positions, rows)
+    out = gpu.empty(rows * n_embd)
+    params = gpu.uniform(rows, n_embd, 0, vocab, n_positions)
+    bindings = [params, gpu.storage(ids), row_meta_buffer(gpu, [(0, p) for p in positions])]
+    bindings += [gpu.storage(wte), gpu.storage(wpe), out]
+    gpu.dispatch("embedding", bindings, (ceil_div(n_embd, workgroup), rows, 1), {"WORKGROUP_SIZE": workgroup})
+    assert max_error(gpu.read(out, (rows, n_embd)), wte[ids] + wpe[positions]) == 0.0
+
+
+def test_embedding_in_pieces(gpu: WgslRunner) -> None:
+    """A token table bound in two pieces (binding offsets): each dispatch writes the rows it holds."""
+    g = rng(2)
+    vocab, n_embd, rows, split = 97, 48, 6, 64  # 64 rows * 192 B is a multiple of the 256 B alignment
+    wte, wpe = normal(g, vocab, n_embd), normal(g, 64, n_embd)
+    ids = np.array([0, 63, 64, 96, 5, 70], np.uint32)
+    positions = [3, 0, 63, 1, 2, 9]
+    wte_buffer, out = gpu.storage(wte), gpu.empty(rows * n_embd)
+    shared = [gpu.storage(ids), row_meta_buffer(gpu, [(1, p) for p in positions])]
+    for start, count in ((0, split), (split, vocab - split)):
+        piece = (wte_buffer, start * n_embd * 4, count * n_embd * 4)
+        params = gpu.uniform(rows, n_embd, start, count, 64)
+        gpu.dispatch("embedding", [params, *shared, piece, gpu.storage(wpe), out], (1, rows, 1))
+    assert max_error(gpu.read(out, (rows, n_embd)), wte[ids] + wpe[positions]) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("rows", "n_embd", "workgroup"), [(1, 48, 128), (7, 200, 128), (4, 1, 32), (3, 769, 64)]
+)
+def test_layernorm(gpu: WgslRunner, rows: int, n_embd: int, workgroup: int) -> None:
+    g = rng(3)
+    x = normal(g, rows, n_embd) + np.float32(50.0)  # a large mean: the two-pass variance must hold
+    weight, bias = 1 + normal(g, n_embd, scale=0.2), normal(g, n_embd, scale=0.2)
+    out = gpu.empty(rows * n_embd)
+    run_layernorm(
+        gpu, gpu.storage(x), gpu.storage(weight), gpu.storage(bias), out, rows, n_embd, workgroup=workgroup
+    )
+    assert max_error(gpu.read(out, (rows, n_embd)), layernorm_reference(x, weight, bias)) < 2e-4
+
+
+MATMUL_SHAPES = [(1, 48, 144), (3, 97, 1), (97, 48, 97), (7, 33, 50), (1, 1, 3), (65, 130, 67)]
+
+
+@pytest.mark.parametrize(("m", "k", "n"), MATMUL_SHAPES)
+@pytest.mark.parametrize(("wx", "wy"), [(16, 16), (64, 1), (8, 4)])
+def test_matmul(gpu: WgslRunner, m: int, k: int, n: int, wx: int, wy: int) -> None:
+    g = rng(m * 1000 + k + n)
+    x, w, bias = normal(g, m, k), normal(g, k, n, scale=1 / math.sqrt(k)), normal(g, n)
+    out = gpu.empty(m * n)
+    run_matmul(gpu, gpu.storage(x), gpu.storage(w), gpu.storage(bias), out, m, k, n, wx=wx, wy=wy)
+    expected = x.astype(np.float64) @ w + bias
+    assert max_error(gpu.read(out, (m, n)), expected) < 1e-5
+
+
+@pytest.mark.parametrize(("m", "k", "n"), [(3, 48, 192), (1, 97, 33)])
+def test_matmul_gelu(gpu: WgslRunner, m: int, k: int, n: int) -> None:
+    g = rng(4)
+    x, w, bias = normal(g, m, k, scale=2.0), normal(g, k, n, scale=2 / math.sqrt(k)), normal(g, n)
+    bias[:4] = [40.0, -40.0, 1e4, -1e4]  # saturated tanh, and x^3 far past the f32 range of exp
+    out = gpu.empty(m * n)
+    run_matmul(gpu, gpu.storage(x), gpu.storage(w), gpu.storage(bias), out, m, k, n, activation=1)
+    expected = gelu_new(x.astype(np.float64) @ w + bias)
+    actual = gpu.read(out, (m, n))
+    assert np.all(np.isfinite(actual))
+    assert max_error(actual, expected) < 2e-5 * max(1.0, float(np.abs(expected).max()) / 100)
+    torch_gelu = torch.nn.functional.gelu(
+        torch.from_numpy(x.astype(np.float64) @ w + bias), approximate="tanh"
+    )
+    assert max_error(actual, torch_gelu.numpy()) < 2e-5 * max(1.0, float(np.abs(expected).max()) / 100)
+
+
+@pytest.mark.parametrize(("m", "n_embd", "vocab"), [(1, 48, 97), (3, 48, 1000), (70, 20, 97)])
+def test_lm_head(gpu: WgslRunner, m: int, n_embd: int, vocab: int) -> None:
+    g = rng(5)
+    x, wte = normal(g, m, n_embd), normal(g, vocab, n_embd, scale=0.5)
+    logits = gpu.empty(m * vocab)
+    run_lm_head(gpu, gpu.storage(x), gpu.storage(wte), logits, m, n_embd, vocab, vocab)
+    assert max_error(gpu.read(logits, (m, vocab)), x.astype(np.float64) @ wte.T) < 2e-5
+
+
+def test_lm_head_in_pieces(gpu: WgslRunner) -> None:
+    """wte bound as two row ranges (binding offset), each dispatch writing its columns of the logits."""
+    g = rng(6)
+    m, n_embd, vocab, split = 2, 48, 1000, 512  # 512 rows * 192 B: a multiple of 256 B
+    x, wte = normal(g, m, n_embd), normal(g, vocab, n_embd, scale=0.5)
+    x_buffer, wte_buffer, logits = gpu.storage(x), gpu.storage(wte), gpu.empty(m * vocab)
+    for start, count in ((0, split), (split, vocab - split)):
+        piece = (wte_buffer, start * n_embd * 4, count * n_embd * 4)
+        run_lm_head(gpu, x_buffer, piece, logits, m, n_embd, count, vocab, start)
+    assert max_error(gpu.read(logits, (m, vocab)), x.astype(np.float64) @ wte.T) < 2e-5
+
+
+def test_residual_add(gpu: WgslRunner) -> None:
+    g = rng(7)
+    a, b = normal(g, 1001), normal(g, 1001)
+    residual = gpu.storage(a)
+    gpu.dispatch("add", [gpu.uniform(a.size), residual, gpu.storage(b)], linear_groups(ceil_div(a.size, 256)))
+    assert max_error(gpu.read(residual, (a.size,)), a.astype(np.float64) + b) < 1e-6
+
+
+@pytest.mark.parametrize("count", [1, 2, 1001, 4096])
+def test_unpack_f16(gpu: WgslRunner, count: int) -> None:
+    g = rng(8)
+    halves = (g.standard_normal(count) * 100).astype(np.float16)
+    special = np.array([0.0, -0.0, 65504.0, -65504.0, 6e-8, 6.1e-5, 1e-4, 1.0], np.float16)  # max, subnormals
+    halves[: min(count, special.size)] = special[: min(count, special.size)]
+    out = gpu.empty(count)
+    # A deliberately two-dimensional grid: the kernel numbers its words across both dimensions.
+    groups = ceil_div(ceil_div(count, 2), 256)
+    grid = (max(1, ceil_div(groups, 3)), 3, 1)
+    gpu.dispatch("unpack_f16", [gpu.uniform(count), gpu.storage(halves), out], grid)
+    actual = gpu.read(out, (count,))
+    np.testing.assert_array_equal(actual, halves.astype(np.float32))
+    assert np.array_equal(np.signbit(actual), np.signbit(halves))
+
+
+@pytest.mark.parametrize(
+    ("vocab", "rows", "k", "chunk", "workgroup"),
+    [
+        (97, 2, 5, 1024, 256),
+        (97, 3, 40, 64, 32),  # the last chunk holds fewer than k: padding pairs, then merged away
+        (1000, 2, 64, 1024, 256),
+        (1000, 1, 16, 128, 64),  # four passes
+        (10, 1, 16, 1024, 256),  # k larger than the row: the tail is padding
+        (50257, 1, 64, 1024, 256),  # GPT-2's vocabulary: three passes
+    ],
+)
+def test_topk(gpu: WgslRunner, vocab: int, rows: int, k: int, chunk: int, workgroup: int) -> None:
+    g = rng(vocab + k)
+    logits = np.round(normal(g, rows, vocab) * 4) / 4  # coarse values: many ties, broken by lower index
+    values, indices = run_topk(gpu, gpu.storage(logits), rows, vocab, k, chunk=chunk, workgroup=workgroup)
+    valid = min(k, vocab)
+    expected_values, expected_indices = topk_reference(logits, valid)
+    np.testing.assert_array_equal(indices[:, :valid], expected_indices)
+    np.testing.assert_array_equal(values[:, :valid], expected_values)
+    assert np.all(indices[:, valid:] == INVALID) and np.all(values[:, valid:] == LOWEST)
+
+
+def test_topk_matches_torch_on_distinct_logits(gpu: WgslRunner) -> None:
+    logits = normal(rng(9), 4, 1000)
+    values, indices = run_topk(gpu, gpu.storage(logits), 4, 1000, 64)
+    expected = torch.topk(torch.from_numpy(logits), 64)
+    np.testing.assert_array_equal(indices, expected.indices.numpy())
+    np.testing.assert_array_equal(values, expected.values.numpy())
+
+
+@pytest.mark.parametrize(
+    ("n_embd", "n_head", "requests"),
+    [
+        (48, 3, [(2, 0, 5), (0, 11, 1)]),  # a prompt into empty slot 2, and a decode row at position 11
+        (40, 4, [(1, 63, 3), (3, 0, 1)]),  # head_dim 10; rows across the 64-key chunk boundary
+        (16, 2, [(0, 0, 200), (1, 30, 2)]),  # a long prompt with small hidden
+    ],
+)
+def test_kv_append_and_attention(gpu: WgslRunner, n_embd: int, n_head: int, requests: list) -> None:
+    """Requests (slot, cache length before, new tokens) in one dispatch of each kernel."""
+    g = rng(n_embd + n_head)
+    slots, max_positions, head_dim = 4, 208, n_embd // n_head
+    k_cache = normal(g, slots, n_head, max_positions, head_dim)  # earlier steps' keys, and junk beyond
+    v_cache = normal(g, slots, n_head, max_positions, head_dim)
+    placements = [(slot, start + t) for slot, start, count in requests for t in range(count)]
+    rows = len(placements)
+    qkv = normal(g, rows, 3 * n_embd, scale=2.0)
+    k_buffer, v_buffer, out = gpu.storage(k_cache), gpu.storage(v_cache), gpu.empty(rows * n_embd)
+    row_meta = row_meta_buffer(gpu, placements)
+    params = attention_params(gpu, rows, n_embd, n_head, max_positions, slots)
+    run_kv_append(gpu, params, gpu.storage(qkv), row_meta, k_buffer, v_buffer, rows, n_embd)
+    run_attention(gpu, params, gpu.storage(qkv), row_meta, k_buffer, v_buffer, out, rows, n_head)
+
+    for row, (slot, position) in enumerate(placements):
+        k_cache[slot, :, position] = qkv[row, n_embd : 2 * n_embd].reshape(n_head, head_dim)
+        v_cache[slot, :, position] = qkv[row, 2 * n_embd :].reshape(n_head, head_dim)
+    np.testing.assert_array_equal(gpu.read(k_buffer, k_cache.shape), k_cache)
+    np.testing.assert_array_equal(gpu.read(v_buffer, v_cache.shape), v_cache)
+    expected = np.stack(
+        [
+            attention_reference(qkv[r, :n_embd], k_cache, v_cache, s, p, n_head)
+            for r, (s, p) in enumerate(placements)
+        ]
+    )
+    assert max_error(gpu.read(out, (rows, n_embd)), expected) < 2e-5
+
+
+def test_attention_out_of_range_row_gets_zeros(gpu: WgslRunner) -> None:
+    n_embd, n_head, slots, max_positions = 16, 2, 2, 8
+    cache = gpu.storage(normal(rng(10), slots * n_head * max_positions * n_embd // n_head))
+    out = gpu.storage(np.full(2 * n_embd, 7.0, np.float32))
+    params = attention_params(gpu, 2, n_embd, n_head, max_positions, slots)
+    row_meta = row_meta_buffer(gpu, [(2, 0), (0, 8)])  # slot past the end; position past the end
+    run_attention(
+        gpu, params, gpu.storage(normal(rng(11), 2, 3 * n_embd)), row_meta, cache, cache, out, 2, n_head
+    )
+    assert np.all(gpu.read(out, (2, n_embd)) == 0.0)
