@@ -19,6 +19,7 @@ from services.sampler.__main__ import SERVICE_NAME
 from services.sampler.convert import full_logits_to_pb, params_to_pb
 from services.sampler.sampling import SamplingParams, sample_next
 from services.sampler.seeding import SteppedSampler, sample_batch_stepped, sample_step
+from services.sampler.servicer import OFFLOAD_ABOVE_ENTRIES
 from services.sampler.settings import SamplerSettings
 
 DEADLINE_S = 10.0
@@ -154,6 +155,20 @@ async def test_batch_matches_single_calls(
     expected = sample_batch_stepped(samplers, values, token_ids)
     assert [r.token_id for r in batch.results[:3]] == [r.token_id for r in expected]
     assert [r.logprob for r in batch.results[:3]] == pytest.approx([r.logprob for r in expected], abs=1e-6)
+
+
+async def test_large_batch_runs_off_the_event_loop(
+    stub: sampler_pb2_grpc.SamplerServiceStub, logits: np.ndarray
+) -> None:
+    rows = [request(row, SamplingParams(temperature=0.0)) for row in logits[:6]]
+    assert VOCAB * len(rows) > OFFLOAD_ABOVE_ENTRIES  # the worker-thread path answers
+    batch = await stub.SampleBatch(sampler_pb2.SampleBatchRequest(requests=rows), timeout=DEADLINE_S)
+    assert [r.token_id for r in batch.results] == np.argmax(logits[:6], axis=1).tolist()
+    rows[4].params.top_p = 2.0
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.SampleBatch(sampler_pb2.SampleBatchRequest(requests=rows), timeout=DEADLINE_S)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "requests[4]: top_p" in raised.value.details()
 
 
 def _bad_tensor(**fields: object) -> sampler_pb2.SampleRequest:

@@ -17,6 +17,7 @@ from prometheus_client import REGISTRY
 from services.common.pb import tokenizer_pb2, tokenizer_pb2_grpc
 from services.common.server import GrpcServer, channel
 from services.tokenizer.__main__ import EXIT_NO_VOCABULARY, SERVICE_NAME
+from services.tokenizer.servicer import OFFLOAD_ABOVE_CHARS
 from services.tokenizer.settings import TokenizerSettings
 from services.tokenizer.vocab import EOS_TOKEN_ID
 
@@ -86,6 +87,21 @@ async def test_batches_match_single_calls(stub: tokenizer_pb2_grpc.TokenizerServ
     assert [result.text for result in decoded.results] == TEXTS
     empty = await stub.EncodeBatch(tokenizer_pb2.EncodeBatchRequest(), timeout=DEADLINE_S)
     assert list(empty.results) == []
+
+
+async def test_large_batch_runs_off_the_event_loop(
+    stub: tokenizer_pb2_grpc.TokenizerServiceStub, tokenizer_settings: TokenizerSettings
+) -> None:
+    # Above OFFLOAD_ABOVE_CHARS in total, so the worker-thread path answers, errors included.
+    texts = [f"{index} The quick brown fox. " * 300 for index in range(tokenizer_settings.max_batch)]
+    assert sum(map(len, texts)) > OFFLOAD_ABOVE_CHARS
+    encoded = await stub.EncodeBatch(tokenizer_pb2.EncodeBatchRequest(texts=texts), timeout=DEADLINE_S)
+    assert [list(result.token_ids) for result in encoded.results][3] == await encode(stub, texts[3])
+    too_long = [*texts[:-1], "x" * (tokenizer_settings.max_input_chars + 1)]
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.EncodeBatch(tokenizer_pb2.EncodeBatchRequest(texts=too_long), timeout=DEADLINE_S)
+    assert raised.value.code() == INVALID
+    assert f"texts[{len(texts) - 1}]" in raised.value.details()
 
 
 def _cases(limits: TokenizerSettings) -> dict[str, tuple[str, object, tuple[str, ...]]]:
