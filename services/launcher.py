@@ -52,12 +52,16 @@ class Stack:
     node_env: dict[str, str] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     processes: list[Process] = field(default_factory=list)
+    default_ports: bool = False  # the services' documented default ports instead of free ones
 
     def __post_init__(self) -> None:
-        self.ports = {
-            name: free_port() for name in ("tokenizer", "sampler", "sharder", "sharder_http", "router")
-        }
-        self.gateway_ports = [(free_port(), free_port()) for _ in range(self.gateways)]  # (grpc, ws)
+        names = ("tokenizer", "sampler", "sharder", "sharder_http", "router")
+        if self.default_ports:
+            self.ports = dict(zip(names, (50051, 50052, 50053, 8081, 50050), strict=True))
+            self.gateway_ports = [(50055 + 10 * index, 8765 + index) for index in range(self.gateways)]
+        else:
+            self.ports = {name: free_port() for name in names}
+            self.gateway_ports = [(free_port(), free_port()) for _ in range(self.gateways)]  # (grpc, ws)
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
 
     @property
@@ -115,7 +119,6 @@ class Stack:
             "NODE_ID": node_id,
             "LOG_FORMAT": "json",
             "CACHE_DIR": self.workdir / "node-cache" / node_id,
-            "THREADS": 1,
             **settings,
         }
         return self._spawn("node", values, name=node_id, extra=self.node_env)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from services.sampler.sampling import Candidates, RequestSampler, SampleResult, SamplingParams
+from services.sampler.sampling import Candidates, RequestSampler, SampleResult
 from services.tokenizer.tokenization import IncrementalDecoder
 
 FINISH_LENGTH, FINISH_EOS, FINISH_STOP = "length", "eos", "stop"
@@ -113,10 +113,6 @@ def _overlap(text: str, stop: str) -> int:
         if stop.startswith(text[-size:]):
             return size
     return 0
-
-
-def make_sampler(params: SamplingParams, prompt_ids: list[int]) -> RequestSampler:
-    return RequestSampler(params, prompt_ids)
 
 
 def candidates_of(values: np.ndarray, token_ids: np.ndarray) -> Candidates:

@@ -18,7 +18,8 @@ from services.router.engine import Engine
 from services.router.requests import Generation, TokenEvent
 from services.router.settings import RouterSettings
 from services.router.topology import NodeView
-from services.sampler.sampling import RequestSampler, SamplingParams
+from services.sampler.convert import params_from_pb
+from services.sampler.seeding import SteppedSampler
 from services.tokenizer.tokenization import Tokenizer
 
 _FINISH = {
@@ -34,23 +35,6 @@ _STATE = {
 }
 _KIND = {"native": common_pb2.NODE_KIND_NATIVE, "web": common_pb2.NODE_KIND_WEB}
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
-
-
-def sampling_from_pb(params: common_pb2.SamplingParams) -> SamplingParams:
-    """proto3 zeros mean "off": top_p 0 and repetition_penalty 0 read as 1."""
-    sampling = SamplingParams(
-        temperature=params.temperature,
-        top_k=params.top_k,
-        top_p=params.top_p or 1.0,
-        min_p=params.min_p,
-        repetition_penalty=params.repetition_penalty or 1.0,
-        presence_penalty=params.presence_penalty,
-        frequency_penalty=params.frequency_penalty,
-        seed=params.seed if params.HasField("seed") else None,
-        top_logprobs=params.top_logprobs,
-    )
-    sampling.validate()
-    return sampling
 
 
 def node_status_pb(node: NodeView) -> router_pb2.NodeStatus:
@@ -127,7 +111,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
                 f"model's context of {config.n_positions} tokens; shorten one"
             )
-        sampler = RequestSampler(sampling_from_pb(request.sampling), prompt_ids)
+        # Same (seed, step) draws as the sampler service, so a seeded request reproduces either way.
+        sampler = SteppedSampler(params_from_pb(request.sampling), prompt_ids)
         deadline = time.monotonic() + time_remaining if time_remaining is not None else None
         return Generation(
             request_id=request_id,

@@ -28,11 +28,11 @@ def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def reference(checkpoint_dir: Path):  # noqa: ANN201 - a transformers model
+def reference(checkpoint_dir: Path):
     return load_reference(checkpoint_dir)
 
 
-def greedy_reference(model, prompt_ids: list[int], max_tokens: int) -> list[int]:  # noqa: ANN001
+def greedy_reference(model, prompt_ids: list[int], max_tokens: int) -> list[int]:
     """transformers' generate(), greedy, never stopping early."""
     from transformers import GenerationConfig
 
@@ -48,8 +48,22 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     assert executable, "redis-server is not installed: run `bash ops/setup.sh`"
     port = free_port()
     folder = tmp_path_factory.mktemp("redis")
-    process = subprocess.Popen([executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                "--appendonly", "no", "--dir", str(folder)], stdout=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [
+            executable,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(folder),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
@@ -73,7 +87,9 @@ def wait_for_pipeline(stack: Stack, stages: int, timeout_s: float = 90.0) -> rou
                 return topology
             time.sleep(0.25)
     logs = "\n".join(f"--- {p.name}\n{p.tail(15)}" for p in stack.processes)
-    raise AssertionError(f"no {stages}-stage pipeline after {timeout_s} s; last topology:\n{topology}\n{logs}")
+    raise AssertionError(
+        f"no {stages}-stage pipeline after {timeout_s} s; last topology:\n{topology}\n{logs}"
+    )
 
 
 @pytest.fixture
@@ -82,8 +98,13 @@ def make_stack(checkpoint_dir: Path, tmp_path: Path) -> Iterator:
 
     def make(nodes: int, **options: object) -> Stack:
         env = {**EXACT_ENV, **options.pop("env", {})}
-        stack = Stack(model=str(checkpoint_dir), workdir=tmp_path / f"stack{len(stacks)}", nodes=nodes, env=env,
-                      **options)
+        stack = Stack(
+            model=str(checkpoint_dir),
+            workdir=tmp_path / f"stack{len(stacks)}",
+            nodes=nodes,
+            env=env,
+            **options,
+        )
         stacks.append(stack)
         stack.__enter__()
         return stack

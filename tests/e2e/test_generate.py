@@ -25,8 +25,9 @@ def test_greedy_tokens_equal_transformers(make_stack, reference, nodes: int) -> 
     stack = make_stack(nodes)
     wait_for_pipeline(stack, nodes)
     for prompt in PROMPTS:
-        responses = generate(stack.router_address, prompt_token_ids={"ids": prompt}, max_tokens=MAX_TOKENS,
-                             ignore_eos=True)
+        responses = generate(
+            stack.router_address, prompt_token_ids={"ids": prompt}, max_tokens=MAX_TOKENS, ignore_eos=True
+        )
         assert tokens_of(responses) == greedy_reference(reference, prompt, MAX_TOKENS), f"prompt {prompt}"
         last = responses[-1]
         assert last.finish_reason == router_pb2.FINISH_REASON_LENGTH
@@ -50,9 +51,19 @@ def test_eight_concurrent_requests_each_match_transformers(make_stack, reference
     wait_for_pipeline(stack, 2)
     prompts = [[1000 + 37 * i, 200 + i, 7 * i + 3][: 1 + i % 3] for i in range(8)]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(
-            lambda prompt: tokens_of(generate(stack.router_address, prompt_token_ids={"ids": prompt},
-                                              max_tokens=MAX_TOKENS, ignore_eos=True)), prompts))
+        results = list(
+            pool.map(
+                lambda prompt: tokens_of(
+                    generate(
+                        stack.router_address,
+                        prompt_token_ids={"ids": prompt},
+                        max_tokens=MAX_TOKENS,
+                        ignore_eos=True,
+                    )
+                ),
+                prompts,
+            )
+        )
     for prompt, tokens in zip(prompts, results, strict=True):
         assert tokens == greedy_reference(reference, prompt, MAX_TOKENS), f"prompt {prompt}"
 
@@ -63,8 +74,9 @@ def test_two_gateways_sharing_redis(make_stack, reference, redis_url: str) -> No
     topology = wait_for_pipeline(stack, 2)
     assert {stage.gateway_id for stage in topology.pipelines[0].stages} == {"gateway-0", "gateway-1"}
     for prompt in PROMPTS[:2]:
-        responses = generate(stack.router_address, prompt_token_ids={"ids": prompt}, max_tokens=MAX_TOKENS,
-                             ignore_eos=True)
+        responses = generate(
+            stack.router_address, prompt_token_ids={"ids": prompt}, max_tokens=MAX_TOKENS, ignore_eos=True
+        )
         assert tokens_of(responses) == greedy_reference(reference, prompt, MAX_TOKENS)
 
 

@@ -64,6 +64,15 @@ def max_difference(a: Tensor, b: Tensor) -> float:
     return (a - b).abs().max().item()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine their spinning cost 4x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Callable[[str], Reference]:
     made: dict[str, Reference] = {}

@@ -1,0 +1,36 @@
+"""`synapse node --gateway URL`: run a native compute node."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "Run a native node (PyTorch on CPU or CUDA) that joins a gateway and serves the layers it is given."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--gateway", help="gateway WebSocket URL, e.g. ws://host:8765/ws (or SYNAPSE_NODE_GATEWAY_URL)"
+    )
+    parser.add_argument("--node-id", help="stable node id (default host-pid)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to compute")
+    parser.add_argument("--memory", type=int, help="memory budget in bytes")
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from services.node.__main__ import main
+    from services.node.settings import NodeSettings
+
+    overrides = {
+        "gateway_url": args.gateway,
+        "node_id": args.node_id,
+        "device": args.device,
+        "memory_bytes": args.memory,
+    }
+    settings = NodeSettings(**{key: value for key, value in overrides.items() if value is not None})
+    try:
+        asyncio.run(main(settings))
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -1,0 +1,84 @@
+"""`synapse up`: the whole stack on this machine (every service as a process, native nodes), then a demo."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+HELP = "Start tokenizer, sampler, sharder, gateway, router and native nodes locally, and generate text."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="gpt2", help="checkpoint folder or hub name (default %(default)s)")
+    parser.add_argument("--nodes", type=int, default=2, help="native nodes to start (default %(default)s)")
+    parser.add_argument(
+        "--workdir", type=Path, default=Path("var/up"), help="logs and shards (default %(default)s)"
+    )
+    parser.add_argument("--prompt", default="The quick brown fox", help="demo prompt")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--once", action="store_true", help="exit after the demo instead of serving on")
+
+
+def run(args: argparse.Namespace) -> int:
+    from services.client import SynapseClient
+    from services.launcher import Stack
+
+    stack = Stack(model=args.model, workdir=args.workdir, nodes=args.nodes, default_ports=True)
+    print(f"starting {args.nodes} node(s) and every service; logs in {args.workdir / 'logs'}", flush=True)
+    with stack, SynapseClient(stack.router_address) as client:
+        topology = _wait_for_pipeline(client, args.nodes)
+        stages = ", ".join(
+            f"{s.node_id}[{s.layers.start},{s.layers.end})" for s in topology.pipelines[0].stages
+        )
+        print(f"model {topology.model_id}: pipeline {stages}", flush=True)
+        if topology.model_id.endswith("-random-weights"):
+            print(
+                "NOTE: the Hugging Face hub could not be reached, so this is a RANDOM-WEIGHT GPT-2 of the same "
+                "shape (gibberish text). Pass --model with a local checkpoint folder for real output.",
+                flush=True,
+            )
+        sys.stdout.write(args.prompt)
+        last = None
+        for response in client.generate(args.prompt, max_tokens=args.max_tokens):
+            sys.stdout.write(response.text)
+            sys.stdout.flush()
+            last = response
+        if last is not None:
+            usage = last.usage
+            print(
+                f"\n[{usage.completion_tokens} tokens in {usage.total_ms:.0f} ms, "
+                f"{usage.completion_tokens / max(usage.total_ms / 1e3, 1e-9):.1f} tokens/s]",
+                flush=True,
+            )
+        if args.once:
+            return 0
+        print(
+            f"serving: router at {stack.router_address}, nodes join at {stack.gateway_url()}; "
+            'try `synapse generate "Hello"`; Ctrl-C stops',
+            flush=True,
+        )
+        signal.signal(signal.SIGTERM, _interrupt)
+        while all(p.popen.poll() is None for p in stack.processes):
+            time.sleep(1.0)
+        dead = [p.name for p in stack.processes if p.popen.poll() is not None]
+        print(f"stopping: {', '.join(dead)} exited; see {args.workdir / 'logs'}", file=sys.stderr)
+        return 1
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _wait_for_pipeline(client, nodes: int, timeout_s: float = 600.0):
+    from services.common.errors import Unavailable
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        topology = client.topology()
+        if any(len(p.stages) == min(nodes, topology.config.n_layer or nodes) for p in topology.pipelines):
+            return topology
+        time.sleep(0.5)
+    raise Unavailable(f"no pipeline of {nodes} nodes after {timeout_s:.0f} s; see the logs")

@@ -1,0 +1,136 @@
+"""Decode speed through the whole stack vs a single-process transformers run, measured side by side.
+
+    python tests/bench/bench_stack.py [--tokens 64] [--nodes 2] [--streams 8]
+
+Full-size GPT-2 124M with random weights (no download). Prints single-stream decode tokens/s of
+(a) transformers in one process with its KV cache and (b) Generate through tokenizer, router,
+gateway and native nodes as separate processes; the network + orchestration share of token time;
+and the aggregate tokens/s of N concurrent streams.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from services.client import SynapseClient
+from services.launcher import Stack
+
+PROMPT = [
+    464,
+    2068,
+    7586,
+    21831,
+    18045,
+    625,
+    262,
+    16931,
+    3290,
+    13,
+]  # "The quick brown fox jumps over the lazy dog."
+
+
+def save_random_gpt2(folder: Path) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config()).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def transformers_decode_rate(folder: Path, tokens: int) -> float:
+    """Decode tokens/s of one process: greedy with the KV cache, prefill excluded."""
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(folder).eval()
+    ids = torch.tensor([PROMPT])
+    with torch.inference_mode():
+        for _ in range(2):  # warm-up
+            out = model(ids, use_cache=True)
+        out = model(ids, use_cache=True)
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        started = time.perf_counter()
+        for _ in range(tokens):
+            out = model(token, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        return tokens / (time.perf_counter() - started)
+
+
+def stack_stream(client: SynapseClient, tokens: int) -> tuple[float, float]:
+    """(decode tokens/s, overhead share) of one Generate stream; the first (prefill) token is excluded."""
+    responses = list(client.generate(PROMPT, max_tokens=tokens + 1, ignore_eos=True))
+    decode = [r.timing for r in responses[1:] if r.HasField("token_id")]
+    step_ms = sum(t.step_ms for t in decode)
+    overhead_ms = sum(max(t.step_ms - t.compute_ms, 0.0) for t in decode)
+    return len(decode) / (step_ms / 1e3), overhead_ms / step_ms
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_random_gpt2(Path(tmp) / "gpt2-random")
+        reference = statistics.median(
+            transformers_decode_rate(folder, args.tokens) for _ in range(args.repeats)
+        )
+        stack = Stack(model=str(folder), workdir=Path(tmp) / "stack", nodes=args.nodes)
+        with stack, SynapseClient(stack.router_address) as client:
+            deadline = time.monotonic() + 300
+            while not any(len(p.stages) == args.nodes for p in client.topology().pipelines):
+                if time.monotonic() > deadline:
+                    raise SystemExit("no pipeline; see " + str(stack.workdir / "logs"))
+                time.sleep(0.5)
+            stack_stream(client, 8)  # warm-up
+            runs = [stack_stream(client, args.tokens) for _ in range(args.repeats)]
+            rate = statistics.median(r[0] for r in runs)
+            overhead = statistics.median(r[1] for r in runs)
+            started = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(args.streams) as pool:
+                counts = list(
+                    pool.map(
+                        lambda _: sum(
+                            1
+                            for r in client.generate(PROMPT, max_tokens=args.tokens, ignore_eos=True)
+                            if r.HasField("token_id")
+                        ),
+                        range(args.streams),
+                    )
+                )
+            aggregate = sum(counts) / (time.perf_counter() - started)
+            single_started = time.perf_counter()
+            single = sum(
+                1
+                for r in client.generate(PROMPT, max_tokens=args.tokens, ignore_eos=True)
+                if r.HasField("token_id")
+            ) / (time.perf_counter() - single_started)
+    print(
+        f"GPT-2 124M (random weights), {args.tokens} decode tokens, {args.nodes} native nodes, "
+        f"{torch.get_num_threads()} torch threads, median of {args.repeats}"
+    )
+    print(f"{'single-process transformers decode':<45} {reference:8.1f} tokens/s")
+    print(f"{'whole stack, 1 stream, decode':<45} {rate:8.1f} tokens/s  ({rate / reference:.2f}x)")
+    print(f"{'network + orchestration share of token time':<45} {overhead * 100:8.1f} %")
+    print(f"{'whole stack, 1 stream, end to end':<45} {single:8.1f} tokens/s")
+    print(
+        f"{f'whole stack, {args.streams} streams, aggregate':<45} {aggregate:8.1f} tokens/s  "
+        f"({aggregate / single:.2f}x one stream)"
+    )
+
+
+if __name__ == "__main__":
+    main()
