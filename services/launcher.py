@@ -34,6 +34,11 @@ class Process:
     popen: subprocess.Popen
     log_path: Path
     grpc_address: str | None = None
+    metrics_port: int | None = None
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def tail(self, lines: int = 40) -> str:
         with contextlib.suppress(OSError):
@@ -73,9 +78,7 @@ class Stack:
 
     def start(self, timeout_s: float = 120.0) -> None:
         common = {"LOG_FORMAT": "json"}
-        self._spawn(
-            "tokenizer", {"PORT": self.ports["tokenizer"], **common}, grpc_port=self.ports["tokenizer"]
-        )
+        self._spawn("tokenizer", {"PORT": self.ports["tokenizer"], **common}, grpc_port=self.ports["tokenizer"])
         self._spawn("sampler", {"PORT": self.ports["sampler"], **common}, grpc_port=self.ports["sampler"])
         self._spawn(
             "sharder",
@@ -133,6 +136,7 @@ class Stack:
         extra: dict[str, str] | None = None,
     ) -> Process:
         name = name or service
+        settings = {"METRICS_PORT": free_port(), **settings}
         env = {**os.environ, **self.env, **(extra or {})}
         if self.redis_url:
             env["SYNAPSE_REDIS_URL"] = self.redis_url
@@ -148,7 +152,8 @@ class Stack:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        process = Process(name, popen, log_path, f"127.0.0.1:{grpc_port}" if grpc_port else None)
+        address = f"127.0.0.1:{grpc_port}" if grpc_port else None
+        process = Process(name, popen, log_path, address, int(str(settings["METRICS_PORT"])))
         self.processes.append(process)
         return process
 
@@ -161,15 +166,11 @@ class Stack:
         for process in self.processes:
             while process.grpc_address:
                 if process.popen.poll() is not None:
-                    raise Unavailable(
-                        f"{process.name} exited with {process.popen.returncode}:\n{process.tail()}"
-                    )
+                    raise Unavailable(f"{process.name} exited with {process.popen.returncode}:\n{process.tail()}")
                 if _serving(process.grpc_address):
                     break
                 if time.monotonic() > deadline:
-                    raise Unavailable(
-                        f"{process.name} not healthy after {timeout_s:.0f} s:\n{process.tail()}"
-                    )
+                    raise Unavailable(f"{process.name} not healthy after {timeout_s:.0f} s:\n{process.tail()}")
                 time.sleep(0.2)
 
     def stop_process(self, process: Process, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> None:

@@ -27,9 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Host name or IP address nodes use to reach the gateway (repeatable); "
         "localhost and 127.0.0.1 are always included.",
     )
-    parser.add_argument(
-        "--days", type=_days, default=365, help=f"Validity in days, 1-{MAX_DAYS} (default 365)."
-    )
+    parser.add_argument("--days", type=_days, default=365, help=f"Validity in days, 1-{MAX_DAYS} (default 365).")
     parser.add_argument("--force", action="store_true", help="Overwrite an existing pair in --out.")
 
 
@@ -94,7 +92,7 @@ def make_pair(hosts: list[str], days: int) -> tuple[bytes, bytes]:
                 decipher_only=False,
             ),
             critical=True,
-        )  # fmt: skip
+        )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public_key), critical=False)

@@ -57,7 +57,24 @@ def split_reply(data: bytes, max_payload_bytes: int) -> tuple[dict[str, float], 
     stats = syn1.decode(memoryview(data)[: header.frame_size]).array.reshape(-1)
     if stats.size < len(STATS_FIELDS):
         raise syn1.FrameError(f"STATS frame has {stats.size} values, expected {len(STATS_FIELDS)}")
-    return dict(zip(STATS_FIELDS, map(float, stats), strict=False)), data[header.frame_size :]
+    frames = data[header.frame_size :]
+    _check_framing(frames, max_payload_bytes)
+    return dict(zip(STATS_FIELDS, map(float, stats), strict=False)), frames
+
+
+def _check_framing(message: bytes, max_payload_bytes: int) -> None:
+    """Every frame header is valid and the message ends on a frame boundary; payloads stay unread."""
+    if not message:
+        raise syn1.FrameError("a step reply must hold output frames after its STATS frame, got none")
+    offset = 0
+    while offset < len(message):
+        header = syn1.read_header(message, offset, max_payload_bytes=max_payload_bytes)
+        if offset + header.frame_size > len(message):
+            raise syn1.FrameError(
+                f"truncated frame at byte {offset}: header declares {header.frame_size} bytes, "
+                f"got {len(message) - offset}"
+            )
+        offset += header.frame_size
 
 
 class NodeConnection:
@@ -91,6 +108,8 @@ class NodeConnection:
             reason = f"no answer to a step within {timeout_s:.0f} s"
             await self.close(1011, reason)
             raise NodeGone(self.node_id, reason) from None
+        finally:
+            future.cancel()  # abandoned (timeout, caller cancelled): its reply is still popped in order
 
     def on_binary(self, data: bytes) -> None:
         """A step reply arrived; a malformed one raises FrameError (the caller closes the connection)."""

@@ -78,6 +78,8 @@ class NodeEndpoint:
             max_size=settings.max_frame_bytes,
             ping_interval=settings.heartbeat_s,
             ping_timeout=settings.heartbeat_timeout_s,
+            # A peer that misses a ping rarely completes a closing handshake: don't wait 10 s for it.
+            close_timeout=settings.heartbeat_timeout_s,
             process_request=lambda _connection, request: static_response(root, request),
             compression=None,  # activations barely compress; deflate would cost more than it saves
         )

@@ -65,6 +65,8 @@ class ShardServicer(sharder_pb2_grpc.ShardServiceServicer):
     async def GetManifest(
         self, request: sharder_pb2.GetManifestRequest, context: grpc.aio.ServicerContext
     ) -> sharder_pb2.GetManifestResponse:
+        if not request.shard_id:
+            raise InvalidArgument("shard_id is empty; use a shard_id from Plan or ListModels")
         manifest = self.catalog.manifest(request.shard_id)
         return sharder_pb2.GetManifestResponse(
             manifest_json=manifest.to_json(),

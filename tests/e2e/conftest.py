@@ -87,9 +87,7 @@ def wait_for_pipeline(stack: Stack, stages: int, timeout_s: float = 90.0) -> rou
                 return topology
             time.sleep(0.25)
     logs = "\n".join(f"--- {p.name}\n{p.tail(15)}" for p in stack.processes)
-    raise AssertionError(
-        f"no {stages}-stage pipeline after {timeout_s} s; last topology:\n{topology}\n{logs}"
-    )
+    raise AssertionError(f"no {stages}-stage pipeline after {timeout_s} s; last topology:\n{topology}\n{logs}")
 
 
 @pytest.fixture

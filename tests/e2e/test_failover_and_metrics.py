@@ -1,0 +1,75 @@
+"""A node killed mid-generation: the stream goes on and equals an undisturbed run. Metrics after real traffic."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import urllib.request
+
+import grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.common.pb import router_pb2, router_pb2_grpc
+from tests.e2e.conftest import generate, greedy_reference, wait_for_pipeline
+
+PROMPT = [464, 2068, 7586, 21831]
+
+
+def test_node_killed_mid_generation_stream_finishes_identically(make_stack, reference) -> None:
+    stack = make_stack(2)
+    wait_for_pipeline(stack, 2)
+    max_tokens = 48
+    received: list[router_pb2.GenerateResponse] = []
+    killed = threading.Event()
+    with grpc.insecure_channel(stack.router_address) as channel:
+        stub = router_pb2_grpc.RouterServiceStub(channel)
+        request = router_pb2.GenerateRequest(prompt_token_ids={"ids": PROMPT}, max_tokens=max_tokens, ignore_eos=True)
+        for response in stub.Generate(request, timeout=180):
+            received.append(response)
+            if len(received) == 5 and not killed.is_set():
+                stack.stop_process(stack.process("node-1"), signal.SIGKILL)
+                killed.set()
+    tokens = [r.token_id for r in received if r.HasField("token_id")]
+    assert killed.is_set()
+    assert tokens == greedy_reference(reference, PROMPT, max_tokens)
+    assert received[-1].usage.failovers >= 1
+    assert received[-1].finish_reason == router_pb2.FINISH_REASON_LENGTH
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples called `name` whose labels include `labels`."""
+    values = [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    ]
+    assert values, f"{name}{labels} not exported"
+    return sum(values)
+
+
+def test_metrics_after_real_traffic(make_stack) -> None:
+    stack = make_stack(2)
+    wait_for_pipeline(stack, 2)
+    for _ in range(2):
+        generate(stack.router_address, prompt_token_ids={"ids": PROMPT}, max_tokens=6, ignore_eos=True)
+    router = scrape(stack.process("router").metrics_url)
+    assert metric(router, "synapse_router_requests_total", outcome="ok") == 2
+    assert metric(router, "synapse_router_tokens_total", kind="generated") == 12
+    assert metric(router, "synapse_router_time_to_first_token_seconds_count") == 2
+    assert metric(router, "synapse_router_time_per_output_token_seconds_count") == 10
+    assert metric(router, "synapse_router_step_overhead_seconds_count") >= 12
+    assert metric(router, "synapse_router_pipelines") == 1
+    gateway = scrape(stack.process("gateway-0").metrics_url)
+    assert metric(gateway, "synapse_gateway_nodes_online", kind="native") == 2
+    assert metric(gateway, "synapse_gateway_hop_round_trip_seconds_count") >= 24  # 12 steps x 2 hops
+    for part in ("serialize", "queue", "network"):
+        assert metric(gateway, "synapse_gateway_hop_overhead_seconds_count", part=part) >= 24
+    per_token = metric(gateway, "synapse_gateway_hop_wire_bytes_per_token_sum", direction="from_node")
+    assert per_token > 0
+    assert metric(gateway, "synapse_grpc_server_handled_total", code="OK", method="AssignShard") >= 2
