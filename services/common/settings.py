@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from pathlib import Path
+from types import UnionType
+from typing import Literal, Union, get_args, get_origin
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -35,10 +38,32 @@ def settings_table(classes: list[type[BaseSettings]]) -> str:
     for cls in classes:
         prefix = cls.model_config.get("env_prefix", "")
         for name, field in cls.model_fields.items():
-            alias = field.validation_alias if isinstance(field.validation_alias, str) else None
-            variable = alias or f"{prefix}{name}".upper()
-            annotation = getattr(field.annotation, "__name__", None) or str(field.annotation)
-            annotation = annotation.replace("typing.", "").replace("|", "\\|")
-            default = "" if field.is_required() else repr(field.default)
-            rows.append(f"| `{variable}` | {annotation} | {default} | {field.description or ''} |")
+            alias = field.validation_alias
+            variable = alias.choices[0] if hasattr(alias, "choices") else f"{prefix}{name}".upper()
+            default = "" if field.is_required() else _default_text(field.get_default(call_default_factory=True))
+            description = (field.description or "").replace("|", "\\|")
+            rows.append(f"| `{variable}` | {_type_text(field.annotation)} | {default} | {description} |")
     return "\n".join(rows)
+
+
+def _type_text(annotation: object) -> str:
+    if get_origin(annotation) is Literal:
+        return " \\| ".join(str(choice) for choice in get_args(annotation))
+    args = [arg for arg in get_args(annotation) if arg is not type(None)]
+    if args and get_origin(annotation) in (Union, UnionType):
+        return _type_text(args[0]) + " (optional)"
+    if get_origin(annotation) is list:
+        return f"list[{_type_text(get_args(annotation)[0])}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _default_text(value: object) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, Path):
+        home = str(Path.home())
+        text = str(value)
+        return f"`{'~' + text[len(home):] if text.startswith(home) else text}`"
+    if isinstance(value, list):
+        return "`" + json.dumps(value) + "`"
+    return f"`{value}`"

@@ -105,11 +105,13 @@ class NodeConnection:
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout_s)
         except TimeoutError:
+            future.cancel()  # abandoned: nobody awaits it now; a late reply would still be popped in order
             reason = f"no answer to a step within {timeout_s:.0f} s"
             await self.close(1011, reason)
             raise NodeGone(self.node_id, reason) from None
-        finally:
-            future.cancel()  # abandoned (timeout, caller cancelled): its reply is still popped in order
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
 
     def on_binary(self, data: bytes) -> None:
         """A step reply arrived; a malformed one raises FrameError (the caller closes the connection)."""

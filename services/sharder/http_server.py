@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from services.common.errors import NotFound
 from services.sharder.catalog import Catalog
+from services.sharder.shards import ShardManifest
 
 log = logging.getLogger(__name__)
 
@@ -20,23 +23,28 @@ CORS = {
     "Access-Control-Allow-Headers": "Range, If-None-Match",
     "Access-Control-Expose-Headers": "ETag, Content-Length, Content-Range, Accept-Ranges",
 }
+PREFLIGHT_MAX_AGE_S = 86_400  # how long a browser may reuse a preflight answer
 
 
 @web.middleware
-async def cors(request: web.Request, handler) -> web.StreamResponse:
+async def preflight(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer every CORS preflight (OPTIONS) at once; browsers send one before a Range GET."""
     if request.method == "OPTIONS":
-        return web.Response(status=204, headers=CORS)
-    try:
-        response = await handler(request)
-    except web.HTTPException as error:
-        error.headers.update(CORS)
-        raise
+        return web.Response(status=204, headers={**CORS, "Access-Control-Max-Age": str(PREFLIGHT_MAX_AGE_S)})
+    return await handler(request)
+
+
+async def add_cors(request: web.Request, response: web.StreamResponse) -> None:
+    """CORS headers on every response, errors included, just before its headers go out.
+
+    A middleware cannot add them after the handler: a streamed file's headers are sent by then.
+    """
     response.headers.update(CORS)
-    return response
 
 
 def make_app(catalog: Catalog) -> web.Application:
-    app = web.Application(middlewares=[cors])
+    app = web.Application(middlewares=[preflight])
+    app.on_response_prepare.append(add_cors)
 
     async def shard_file(request: web.Request) -> web.StreamResponse:
         try:
@@ -44,9 +52,7 @@ def make_app(catalog: Catalog) -> web.Application:
         except NotFound as error:
             raise web.HTTPNotFound(text=str(error)) from None
         if request.match_info["ext"] == "json":
-            return web.Response(
-                body=catalog.manifest_path(manifest).read_bytes(), content_type="application/json"
-            )
+            return web.Response(text=manifest.to_json(), content_type="application/json")
         return await _send_file(request, catalog, manifest)
 
     async def health(request: web.Request) -> web.Response:
@@ -57,31 +63,39 @@ def make_app(catalog: Catalog) -> web.Application:
     return app
 
 
-async def _send_file(request: web.Request, catalog: Catalog, manifest) -> web.StreamResponse:
-    path, size, etag = catalog.shard_path(manifest), manifest.byte_size, f'"{manifest.sha256}"'
+async def _send_file(request: web.Request, catalog: Catalog, manifest: ShardManifest) -> web.StreamResponse:
+    size, etag = manifest.byte_size, f'"{manifest.sha256}"'
     headers = {
         "ETag": etag,
         "Accept-Ranges": "bytes",
         "Content-Type": "application/octet-stream",
-        "Cache-Control": "public, max-age=31536000, immutable",
-    }  # content-addressed: never changes
-    if request.headers.get("If-None-Match") == etag:
+        "Cache-Control": "public, max-age=31536000, immutable",  # content-addressed: never changes
+    }
+    if _matches(request.headers.get("If-None-Match"), manifest.sha256):
         return web.Response(status=304, headers=headers)
     start, end, status = 0, size - 1, 200
-    if "Range" in request.headers:
-        start, end = _parse_range(request.headers["Range"], size)
+    byte_range = _parse_range(request.headers.get("Range"), size)
+    if byte_range is not None:
+        start, end = byte_range
         status = 206
         headers["Content-Range"] = f"bytes {start}-{end}/{size}"
     headers["Content-Length"] = str(end - start + 1)
-    response = web.StreamResponse(status=status, headers=headers)
-    await response.prepare(request)
-    if request.method == "HEAD":
-        return response
-    with path.open("rb") as handle:
+    try:
+        handle = catalog.shard_path(manifest).open("rb")
+    except FileNotFoundError:
+        log.error("shard_file_missing", extra={"shard_id": manifest.shard_id})
+        raise web.HTTPNotFound(
+            text=f"shard file of {manifest.shard_id} is missing on the sharder; ask Plan again to rewrite it"
+        ) from None
+    with handle:
+        response = web.StreamResponse(status=status, headers=headers)
+        await response.prepare(request)
+        if request.method == "HEAD":
+            return response
         handle.seek(start)
         remaining = end - start + 1
         while remaining > 0:
-            chunk = handle.read(min(CHUNK_BYTES, remaining))
+            chunk = await asyncio.to_thread(handle.read, min(CHUNK_BYTES, remaining))
             if not chunk:
                 break
             await response.write(chunk)
@@ -90,17 +104,31 @@ async def _send_file(request: web.Request, catalog: Catalog, manifest) -> web.St
     return response
 
 
-def _parse_range(value: str, size: int) -> tuple[int, int]:
-    """One byte range (RFC 9110) -> inclusive (start, end); unsatisfiable -> 416."""
-    match = RANGE.match(value.strip())
+def _matches(if_none_match: str | None, sha256: str) -> bool:
+    """If-None-Match (RFC 9110 13.1.2): "*" or a list of entity tags, compared weakly."""
+    if if_none_match is None:
+        return False
+    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in tags or f'"{sha256}"' in tags
+
+
+def _parse_range(value: str | None, size: int) -> tuple[int, int] | None:
+    """One byte range (RFC 9110 14) -> inclusive (start, end); None = send the whole file.
+
+    A missing, malformed or multi-range header is ignored (the whole file, 200), as RFC 9110
+    allows; a well-formed range that misses the file is 416 with `Content-Range: bytes */size`.
+    """
+    match = RANGE.match(value.strip()) if value else None
     if match is None or match.group(1) == match.group(2) == "":
-        raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
+        return None
     first, last = match.groups()
-    if first == "":  # suffix: the last N bytes
-        start, end = max(size - int(last), 0), size - 1
+    if first == "":  # suffix: the last N bytes; the last 0 bytes are unsatisfiable
+        start, end = (size - min(int(last), size) if int(last) else size), size - 1
     else:
         start, end = int(first), min(int(last), size - 1) if last else size - 1
-    if start >= size or start > end:
+        if last and int(last) < start:
+            return None  # last < first: an invalid range, ignored
+    if start >= size:
         raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
     return start, end
 

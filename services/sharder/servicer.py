@@ -29,9 +29,7 @@ class ShardServicer(sharder_pb2_grpc.ShardServiceServicer):
 
     def _check_model(self, model_id: str) -> None:
         if model_id and model_id != self.catalog.model_id:
-            raise NotFound(
-                f"model {model_id!r} is not served here; this sharder serves {self.catalog.model_id!r}"
-            )
+            raise NotFound(f"model {model_id!r} is not served here; this sharder serves {self.catalog.model_id!r}")
 
     def _url(self, shard_id: str, ext: str) -> str:
         return f"{self.public_url}/shards/{shard_id}.{ext}"

@@ -267,13 +267,25 @@ async def test_node_that_stops_answering_pings_is_gone_and_its_step_fails() -> N
             assert "deaf" in response.error.message and "gone" in response.error.message
             # A ping is missed at most heartbeat_s after the pause, it times out after timeout_s, and the
             # closing handshake the deaf peer never completes is cut after timeout_s more.
-            assert failed_after < heartbeat_s + 2 * timeout_s + 1.0, failed_after
+            assert failed_after < heartbeat_s + 2 * timeout_s + 1.5, failed_after
             await asyncio.sleep(3 * heartbeat_s)
             assert "gone" not in watch.states("good")
             await assert_serves(gateway, "good")
         deaf.websocket.transport.resume_reading()
         await deaf.close()
         await alive.close()
+
+
+@pytest.mark.timeout(30)
+async def test_step_that_is_never_answered_times_out_and_closes_the_node() -> None:
+    async with running_gateway(step_timeout_s=0.3) as gateway:
+        silent = await FakeNode.join(gateway.ws_url, "silent")
+        async with run_client(gateway) as client:
+            response = await client.step(token_step([stage("silent", 0, 2)], 5, 0, [1]), 5)
+        assert response.error.node_id == "silent" and "no answer to a step" in response.error.message
+        await asyncio.wait_for(silent.websocket.wait_closed(), 5)
+        assert silent.websocket.close_code == 1011
+        assert "silent" not in gateway.hub.connections
 
 
 # --- the Run stream -------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from services.cli import main
-from services.common.gpt2.config import GPT2Config
 from services.commands.plan import parse_memory
+from services.common.gpt2.config import GPT2Config
 from services.sharder.footprint import footprint
 from services.sharder.placement import NodeCapacity, plan_placement
 from services.sharder.random_weights import known_shape
@@ -118,9 +118,7 @@ def test_failed_shard_run_into_a_new_folder_leaves_nothing(
     out = tmp_path / "new" / "shards"
     # The first shard [0, 2) is written completely before the second one overflows float16.
     assert main(["shard", str(overflowing_dir), "--parts", "2", "--out", str(out)]) == 2
-    assert f"tensor 'h.{N_LAYER - 1}.mlp.c_fc.weight' overflows float16; shard as float32" in (
-        capsys.readouterr().err
-    )
+    assert f"tensor 'h.{N_LAYER - 1}.mlp.c_fc.weight' overflows float16; shard as float32" in (capsys.readouterr().err)
     assert not out.exists()
     assert main(["shard", str(overflowing_dir), "--parts", "2", "--out", str(out), "--dtype", "float32"]) == 0
 
@@ -200,9 +198,7 @@ def test_plan_from_a_checkpoint_folder_matches_plan_placement(
          NodeCapacity("tiny", 1024, 1000.0)],
     )  # fmt: skip
     rows = plan_rows(output)
-    assert [(row[1], row[2], row[3]) for row in rows] == [
-        (a.node_id, f"[{a.start},", f"{a.end})") for a in expected
-    ]
+    assert [(row[1], row[2], row[3]) for row in rows] == [(a.node_id, f"[{a.start},", f"{a.end})") for a in expected]
     assert output.startswith(f"{MODEL}: {N_LAYER} layers, float16")
     assert "bottleneck: stage" in output
     assert "no layers: tiny (cannot hold one layer)" in output

@@ -178,17 +178,13 @@ def test_embedding_in_pieces(gpu: WgslRunner) -> None:
     assert max_error(gpu.read(out, (rows, n_embd)), wte[ids] + wpe[positions]) == 0.0
 
 
-@pytest.mark.parametrize(
-    ("rows", "n_embd", "workgroup"), [(1, 48, 128), (7, 200, 128), (4, 1, 32), (3, 769, 64)]
-)
+@pytest.mark.parametrize(("rows", "n_embd", "workgroup"), [(1, 48, 128), (7, 200, 128), (4, 1, 32), (3, 769, 64)])
 def test_layernorm(gpu: WgslRunner, rows: int, n_embd: int, workgroup: int) -> None:
     g = rng(3)
     x = normal(g, rows, n_embd) + np.float32(50.0)  # a large mean: the two-pass variance must hold
     weight, bias = 1 + normal(g, n_embd, scale=0.2), normal(g, n_embd, scale=0.2)
     out = gpu.empty(rows * n_embd)
-    run_layernorm(
-        gpu, gpu.storage(x), gpu.storage(weight), gpu.storage(bias), out, rows, n_embd, workgroup=workgroup
-    )
+    run_layernorm(gpu, gpu.storage(x), gpu.storage(weight), gpu.storage(bias), out, rows, n_embd, workgroup=workgroup)
     assert max_error(gpu.read(out, (rows, n_embd)), layernorm_reference(x, weight, bias)) < 2e-4
 
 
@@ -217,9 +213,7 @@ def test_matmul_gelu(gpu: WgslRunner, m: int, k: int, n: int) -> None:
     actual = gpu.read(out, (m, n))
     assert np.all(np.isfinite(actual))
     assert max_error(actual, expected) < 2e-5 * max(1.0, float(np.abs(expected).max()) / 100)
-    torch_gelu = torch.nn.functional.gelu(
-        torch.from_numpy(x.astype(np.float64) @ w + bias), approximate="tanh"
-    )
+    torch_gelu = torch.nn.functional.gelu(torch.from_numpy(x.astype(np.float64) @ w + bias), approximate="tanh")
     assert max_error(actual, torch_gelu.numpy()) < 2e-5 * max(1.0, float(np.abs(expected).max()) / 100)
 
 
@@ -327,10 +321,7 @@ def test_kv_append_and_attention(gpu: WgslRunner, n_embd: int, n_head: int, requ
     np.testing.assert_array_equal(gpu.read(k_buffer, k_cache.shape), k_cache)
     np.testing.assert_array_equal(gpu.read(v_buffer, v_cache.shape), v_cache)
     expected = np.stack(
-        [
-            attention_reference(qkv[r, :n_embd], k_cache, v_cache, s, p, n_head)
-            for r, (s, p) in enumerate(placements)
-        ]
+        [attention_reference(qkv[r, :n_embd], k_cache, v_cache, s, p, n_head) for r, (s, p) in enumerate(placements)]
     )
     assert max_error(gpu.read(out, (rows, n_embd)), expected) < 2e-5
 
@@ -341,7 +332,221 @@ def test_attention_out_of_range_row_gets_zeros(gpu: WgslRunner) -> None:
     out = gpu.storage(np.full(2 * n_embd, 7.0, np.float32))
     params = attention_params(gpu, 2, n_embd, n_head, max_positions, slots)
     row_meta = row_meta_buffer(gpu, [(2, 0), (0, 8)])  # slot past the end; position past the end
-    run_attention(
-        gpu, params, gpu.storage(normal(rng(11), 2, 3 * n_embd)), row_meta, cache, cache, out, 2, n_head
-    )
+    run_attention(gpu, params, gpu.storage(normal(rng(11), 2, 3 * n_embd)), row_meta, cache, cache, out, 2, n_head)
     assert np.all(gpu.read(out, (2, n_embd)) == 0.0)
+
+
+# ---- f16 kernels (shader-f16) and their f32 twins ----
+
+F16_TWINS = {"matmul": ["w"], "lm_head": ["wte"], "embedding": ["wte", "wpe"]}
+
+
+def code_without_header(path: Path) -> str:
+    lines = path.read_text().splitlines()
+    return "\n".join(lines[next(i for i, line in enumerate(lines) if not line.startswith("//")) :])
+
+
+@pytest.mark.parametrize("kernel", sorted(F16_TWINS))
+def test_f16_twin_is_the_f32_kernel_with_f16_weights(kernel: str) -> None:
+    """The _f16 files are copies; this keeps them from drifting (the f16 tests skip on many adapters)."""
+    twin = code_without_header(KERNEL_DIR / f"{kernel}_f16.wgsl")
+    assert twin.lstrip().startswith("enable f16;")
+    twin = twin.replace("enable f16;", "", 1)
+    for name in F16_TWINS[kernel]:
+        twin = twin.replace(f"{name}: array<f16>;", f"{name}: array<f32>;")
+        twin = twin.replace(f"return f32({name}[i]);", f"return {name}[i];")
+    assert twin.strip() == code_without_header(KERNEL_DIR / f"{kernel}.wgsl").strip()
+    assert not re.search(r"\bf16\b", twin)
+
+
+def test_matmul_f16(gpu_f16: WgslRunner) -> None:
+    g = rng(12)
+    m, k, n = 5, 97, 67
+    x, w, bias = normal(g, m, k), normal(g, k, n, scale=1 / math.sqrt(k)).astype(np.float16), normal(g, n)
+    out = gpu_f16.empty(m * n)
+    buffers = gpu_f16.storage(x), gpu_f16.storage(w), gpu_f16.storage(bias), out
+    run_matmul(gpu_f16, *buffers, m, k, n, activation=1, kernel="matmul_f16")
+    expected = gelu_new(x.astype(np.float64) @ w.astype(np.float64) + bias)
+    assert max_error(gpu_f16.read(out, (m, n)), expected) < 2e-5
+
+
+def test_lm_head_and_embedding_f16(gpu_f16: WgslRunner) -> None:
+    g = rng(13)
+    m, n_embd, vocab = 3, 48, 97
+    x, wte, wpe = normal(g, m, n_embd), normal(g, vocab, n_embd).astype(np.float16), normal(g, 64, n_embd)
+    wpe = wpe.astype(np.float16)
+    logits = gpu_f16.empty(m * vocab)
+    run_lm_head(
+        gpu_f16, gpu_f16.storage(x), gpu_f16.storage(wte), logits, m, n_embd, vocab, vocab, kernel="lm_head_f16"
+    )
+    assert max_error(gpu_f16.read(logits, (m, vocab)), x.astype(np.float64) @ wte.astype(np.float64).T) < 2e-5
+
+    ids, positions = np.array([5, 96, 0], np.uint32), [0, 63, 7]
+    out = gpu_f16.empty(m * n_embd)
+    params = gpu_f16.uniform(m, n_embd, 0, vocab, 64)
+    bindings = [params, gpu_f16.storage(ids), row_meta_buffer(gpu_f16, [(0, p) for p in positions])]
+    bindings += [gpu_f16.storage(wte), gpu_f16.storage(wpe), out]
+    gpu_f16.dispatch("embedding_f16", bindings, (1, m, 1))
+    expected = wte[ids].astype(np.float32) + wpe[positions].astype(np.float32)
+    assert max_error(gpu_f16.read(out, (m, n_embd)), expected) < 1e-6
+
+
+# ---- the kernels chained into GPT-2, against transformers ----
+
+MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+class GpuGpt2:
+    """GPT-2 on the WGSL kernels, dispatched as the page does it: a KV cache pair per layer, many requests a step.
+
+    weights: "f32" uploads f32 tensors; "unpacked-f16" uploads the f16 bits of every tensor and converts them
+    on the GPU with unpack_f16.wgsl (the path for adapters without shader-f16); "shader-f16" keeps the
+    matrices and embeddings in f16 for the *_f16 kernels and unpacks the small vectors.
+    """
+
+    def __init__(self, gpu: WgslRunner, model, *, slots: int, weights: str = "f32") -> None:
+        config = model.config
+        self.gpu, self.slots, self.mode = gpu, slots, weights
+        self.n_layer, self.n_head, self.n_embd = config.n_layer, config.n_head, config.n_embd
+        self.vocab, self.n_positions = config.vocab_size, config.n_positions
+        state = {name.removeprefix("transformer."): t for name, t in model.state_dict().items()}
+        self.weights = {name: self._upload(name, t.detach().float().numpy()) for name, t in state.items()}
+        cache_size = slots * self.n_positions * self.n_embd  # (slots, n_head, n_positions, head_dim)
+        self.caches = [(gpu.empty(cache_size), gpu.empty(cache_size)) for _ in range(self.n_layer)]
+        self.suffix = "_f16" if weights == "shader-f16" else ""
+
+    def _upload(self, name: str, array: np.ndarray):
+        if self.mode == "f32":
+            return self.gpu.storage(array)
+        halves = array.astype(np.float16)
+        if self.mode == "shader-f16" and (name.endswith(MATRICES) or name in ("wte.weight", "wpe.weight")):
+            return self.gpu.storage(halves)
+        out = self.gpu.empty(halves.size)
+        groups = linear_groups(ceil_div(ceil_div(halves.size, 2), 256))
+        self.gpu.dispatch("unpack_f16", [self.gpu.uniform(halves.size), self.gpu.storage(halves), out], groups)
+        return out
+
+    def step(self, requests: list[tuple[int, int, list[int]]]) -> tuple[object, int]:
+        """Run (slot, cache length before, new token ids) for each request; the logits buffer and its rows."""
+        placements = [(slot, start + t) for slot, start, tokens in requests for t in range(len(tokens))]
+        ids = np.array([token for _, _, tokens in requests for token in tokens], np.uint32)
+        rows, gpu, n_embd = len(placements), self.gpu, self.n_embd
+        row_meta = row_meta_buffer(gpu, placements)
+        x = gpu.empty(rows * n_embd)
+        params = gpu.uniform(rows, n_embd, 0, self.vocab, self.n_positions)
+        bindings = [params, gpu.storage(ids), row_meta, self.weights["wte.weight"], self.weights["wpe.weight"], x]
+        gpu.dispatch("embedding" + self.suffix, bindings, (ceil_div(n_embd, 64), rows, 1))
+        for layer in range(self.n_layer):
+            self.block(layer, x, rows, row_meta)
+        h, logits = gpu.empty(rows * n_embd), gpu.empty(rows * self.vocab)
+        run_layernorm(gpu, x, self.weights["ln_f.weight"], self.weights["ln_f.bias"], h, rows, n_embd)
+        run_lm_head(
+            gpu,
+            h,
+            self.weights["wte.weight"],
+            logits,
+            rows,
+            n_embd,
+            self.vocab,
+            self.vocab,
+            kernel="lm_head" + self.suffix,
+        )
+        return logits, rows
+
+    def block(self, layer: int, x, rows: int, row_meta) -> None:
+        """One transformer block on the residual stream x (rows, n_embd), in place."""
+        gpu, n_embd = self.gpu, self.n_embd
+        weight = {
+            name.removeprefix(f"h.{layer}."): b for name, b in self.weights.items() if name.startswith(f"h.{layer}.")
+        }
+        wx, wy = (64, 1) if rows <= 4 else (16, 16)  # decode-shaped blocks for a handful of rows
+
+        def linear(source, part: str, k: int, n: int, activation: int = 0):
+            out = gpu.empty(rows * n)
+            run_matmul(gpu, source, weight[f"{part}.weight"], weight[f"{part}.bias"], out, rows, k, n,
+                       activation=activation, wx=wx, wy=wy, kernel="matmul" + self.suffix)  # fmt: skip
+            return out
+
+        def residual_add(addend) -> None:
+            count = rows * n_embd
+            gpu.dispatch("add", [gpu.uniform(count), x, addend], linear_groups(ceil_div(count, 256)))
+
+        h = gpu.empty(rows * n_embd)
+        run_layernorm(gpu, x, weight["ln_1.weight"], weight["ln_1.bias"], h, rows, n_embd)
+        qkv = linear(h, "attn.c_attn", n_embd, 3 * n_embd)
+        k_cache, v_cache = self.caches[layer]
+        params = attention_params(gpu, rows, n_embd, self.n_head, self.n_positions, self.slots)
+        run_kv_append(gpu, params, qkv, row_meta, k_cache, v_cache, rows, n_embd)
+        attended = gpu.empty(rows * n_embd)
+        run_attention(gpu, params, qkv, row_meta, k_cache, v_cache, attended, rows, self.n_head)
+        residual_add(linear(attended, "attn.c_proj", n_embd, n_embd))
+        run_layernorm(gpu, x, weight["ln_2.weight"], weight["ln_2.bias"], h, rows, n_embd)
+        hidden = linear(h, "mlp.c_fc", n_embd, 4 * n_embd, activation=1)
+        residual_add(linear(hidden, "mlp.c_proj", 4 * n_embd, n_embd))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory):
+    folder = tmp_path_factory.mktemp("gpt2")
+    make_random_checkpoint(folder, n_layer=2, n_head=3, n_embd=48, vocab_size=97, n_positions=64, seed=0)
+    return load_reference(folder)
+
+
+def rounded_to_f16(model):
+    """A copy of the model whose parameters are rounded to f16 (what the shard holds), computing in f32."""
+    rounded = type(model)(model.config).eval()
+    rounded.load_state_dict({name: t.half().float() for name, t in model.state_dict().items()})
+    return rounded
+
+
+def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    return max_error(actual, expected) / float(np.abs(expected).max())
+
+
+def test_gpt2_block_matches_transformers(gpu: WgslRunner, reference) -> None:
+    """Block 0 alone on a 9-token prompt: the GPU output equals transformers' hidden state after block 0."""
+    tokens = torch.arange(9) * 7 % 97
+    with torch.no_grad():
+        hidden = reference(tokens[None], output_hidden_states=True).hidden_states
+    model = GpuGpt2(gpu, reference, slots=1)
+    x = gpu.storage(hidden[0][0].numpy())
+    model.block(0, x, 9, row_meta_buffer(gpu, [(0, p) for p in range(9)]))
+    assert relative_error(gpu.read(x, (9, 48)), hidden[1][0].numpy()) < 1e-5
+
+
+@pytest.mark.parametrize("weights", ["f32", "unpacked-f16", "shader-f16"])
+def test_gpt2_prefill_then_decode_in_one_batch(request: pytest.FixtureRequest, reference, weights: str) -> None:
+    """Two requests of different lengths, batched: prefill, then 3 decode steps through the KV cache.
+
+    Every row's logits are compared with transformers recomputing the whole sequence, the GPU top-k with
+    torch.topk, and the greedy token of each step must agree.
+    """
+    gpu = request.getfixturevalue("gpu_f16" if weights == "shader-f16" else "gpu")
+    torch_model = reference if weights == "f32" else rounded_to_f16(reference)
+    model = GpuGpt2(gpu, reference, slots=3, weights=weights)
+    g = rng(14)
+    sequences = {0: list(g.integers(0, 97, 11)), 2: list(g.integers(0, 97, 4))}  # slot -> tokens so far
+    new = {slot: list(tokens) for slot, tokens in sequences.items()}  # tokens not yet in the cache
+    k = 10
+    started = time.perf_counter()
+    for _ in range(4):  # prefill, then 3 decode steps
+        requests = [(slot, len(sequences[slot]) - len(new[slot]), new[slot]) for slot in sorted(sequences)]
+        logits_buffer, rows = model.step(requests)
+        logits = gpu.read(logits_buffer, (rows, 97))
+        top_values, top_indices = run_topk(gpu, logits_buffer, rows, 97, k)
+        row = 0
+        for slot, start, tokens in requests:
+            with torch.no_grad():
+                expected = torch_model(torch.tensor([sequences[slot]])).logits[0, start:].numpy()
+            actual = logits[row : row + len(tokens)]
+            assert relative_error(actual, expected) <= 1e-3
+            expected_top = torch.topk(torch.from_numpy(actual), k)
+            np.testing.assert_array_equal(top_indices[row : row + len(tokens)], expected_top.indices.numpy())
+            np.testing.assert_array_equal(top_values[row : row + len(tokens)], expected_top.values.numpy())
+            assert np.array_equal(np.argmax(expected, -1), top_indices[row : row + len(tokens), 0])
+            next_token = int(top_indices[row + len(tokens) - 1, 0])
+            sequences[slot].append(next_token)
+            new[slot] = [next_token]
+            row += len(tokens)
+    print(f"GPT-2 2-layer prefill + 3 decode steps ({weights}) on {gpu.description}: "
+          f"{time.perf_counter() - started:.2f} s")  # fmt: skip

@@ -14,9 +14,7 @@ MIN_BUFFER_BYTES = 16
 STORAGE_USAGE = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC | wgpu.BufferUsage.COPY_DST
 UNIFORM_USAGE = wgpu.BufferUsage.UNIFORM | wgpu.BufferUsage.COPY_DST
 Constants = Mapping[str, int | float | bool]
-BufferRange = tuple[
-    wgpu.GPUBuffer, int, int
-]  # (buffer, byte offset, byte size): a binding of part of a buffer
+BufferRange = tuple[wgpu.GPUBuffer, int, int]  # (buffer, byte offset, byte size): a binding of part of a buffer
 
 
 class NoAdapter(RuntimeError):
@@ -61,9 +59,7 @@ class WgslRunner:
                 code = (KERNEL_DIR / f"{kernel}.wgsl").read_text()
                 self._modules[kernel] = self.device.create_shader_module(label=kernel, code=code)
             compute = {"module": self._modules[kernel], "entry_point": "main", "constants": dict(key[1])}
-            self._pipelines[key] = self.device.create_compute_pipeline(
-                label=kernel, layout="auto", compute=compute
-            )
+            self._pipelines[key] = self.device.create_compute_pipeline(label=kernel, layout="auto", compute=compute)
         return self._pipelines[key]
 
     def storage(self, data: np.ndarray) -> wgpu.GPUBuffer:
@@ -81,9 +77,7 @@ class WgslRunner:
         """A params struct: Python ints as u32, floats as f32, in order, zero-padded to a multiple of 16 bytes."""
         words = [np.float32(f).view(np.uint32) if isinstance(f, float) else np.uint32(f) for f in fields]
         words += [np.uint32(0)] * (-len(words) % 4)
-        return self.device.create_buffer_with_data(
-            data=np.array(words, np.uint32).tobytes(), usage=UNIFORM_USAGE
-        )
+        return self.device.create_buffer_with_data(data=np.array(words, np.uint32).tobytes(), usage=UNIFORM_USAGE)
 
     def dispatch(
         self,
