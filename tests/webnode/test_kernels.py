@@ -7,13 +7,17 @@ that chains the kernels exactly as the page does, with the dispatch rules of eac
 from __future__ import annotations
 
 import math
+import re
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import wgpu
 
-from tests.webnode.wgsl_runner import NoAdapter, WgslRunner, linear_groups, request_adapter
+from tests.checkpoints import load_reference, make_random_checkpoint
+from tests.webnode.wgsl_runner import KERNEL_DIR, NoAdapter, WgslRunner, linear_groups, request_adapter
 
 INVALID = 0xFFFFFFFF
 LOWEST = np.float32(-3.0e38)

@@ -1,0 +1,146 @@
+"""Wall time and peak memory of sharding a full-size GPT-2 124M (random weights) from a saved checkpoint.
+
+    python tests/bench/bench_shard.py [--parts 2 4] [--dtypes float16] [--repeats 3] [--keep DIR]
+
+The checkpoint is written once, as the hub stores GPT-2 (config.json + float32 model.safetensors,
+498 MB), into a temporary folder. Each run is a fresh Python process doing what `synapse shard`
+does, `load_checkpoint(folder)` then `write_shards(even_ranges(12, parts))`, into an empty
+folder on the same disk, fsync included. The child times both steps; the parent reads the child's
+own peak RSS from os.wait4 (its ru_maxrss) and the child reports its RSS after imports, so the
+table shows what loading and sharding add on top of the interpreter with torch loaded.
+Times are medians over the repeats, peaks the maximum. Not a test: pytest collects test_*.py only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODEL = "gpt2"
+MIB = 1 << 20
+
+
+def child(folder: Path, out: Path, parts: int, dtype: str) -> None:
+    """One sharding run; prints a JSON line with its timings and RSS after imports."""
+    import resource
+
+    from services.common.gpt2.checkpoint import load_checkpoint
+    from services.sharder.shards import even_ranges, write_shards
+
+    rss_after_imports = _current_rss_bytes()
+    started = time.perf_counter()
+    checkpoint = load_checkpoint(folder, progress=False)
+    loaded = time.perf_counter()
+    manifests = write_shards(
+        checkpoint, even_ranges(checkpoint.config.n_layer, parts), out, dtype=dtype, progress=False
+    )
+    written = time.perf_counter()
+    result = {
+        "load_s": loaded - started,
+        "write_s": written - loaded,
+        "bytes": sum(m.byte_size for m in manifests),
+        "rss_after_imports": rss_after_imports,
+        "self_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # KiB on Linux
+    }
+    print(json.dumps(result))
+
+
+def _current_rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def save_full_size_checkpoint(folder: Path) -> int:
+    """config.json + model.safetensors of GPT-2 124M with random weights, float32 like the hub's."""
+    from safetensors.torch import save_file
+
+    from services.sharder.random_weights import known_shape, random_checkpoint
+
+    config = known_shape(MODEL)
+    checkpoint = random_checkpoint(config, MODEL)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    tensors = {f"transformer.{name}": tensor.contiguous() for name, tensor in checkpoint.tensors.items()}
+    save_file(tensors, folder / "model.safetensors", {"format": "pt"})
+    return (folder / "model.safetensors").stat().st_size
+
+
+def run_child(folder: Path, out: Path, parts: int, dtype: str) -> dict:
+    command = [sys.executable, __file__, "--child", str(folder), str(out), str(parts), dtype]
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    elapsed = time.perf_counter() - started
+    output = process.stdout.read().decode()
+    process.stdout.close()
+    if process.returncode != 0:
+        raise SystemExit(f"sharding run failed with exit code {process.returncode}")
+    result = json.loads(output.strip().splitlines()[-1])
+    result["process_s"] = elapsed
+    result["maxrss"] = usage.ru_maxrss * 1024  # this child alone (RUSAGE_CHILDREN would keep the max of all)
+    return result
+
+
+def table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)) + " |"
+             for row in rows]  # fmt: skip
+    lines.insert(1, "|" + "|".join("-" * (width + 1) + ":" for width in widths) + "|")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--dtypes", nargs="+", default=["float16"], choices=["float16", "float32"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--keep", type=Path, help="write the checkpoint and shards here and keep them")
+    parser.add_argument("--child", nargs=4, metavar=("FOLDER", "OUT", "PARTS", "DTYPE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        folder, out, parts, dtype = args.child
+        child(Path(folder), Path(out), int(parts), dtype)
+        return
+
+    root = args.keep or Path(tempfile.mkdtemp(prefix="bench-shard-"))
+    try:
+        started = time.perf_counter()
+        checkpoint_bytes = save_full_size_checkpoint(root / MODEL)
+        print(f"checkpoint: {root / MODEL}, {checkpoint_bytes / MIB:.1f} MiB float32, "
+              f"saved in {time.perf_counter() - started:.1f} s; {os.cpu_count()} CPUs", flush=True)  # fmt: skip
+        rows = [["parts", "dtype", "load s", "write s", "write MiB/s", "process s", "shards MiB",
+                 "RSS after imports MiB", "peak RSS MiB", "peak - imports MiB"]]  # fmt: skip
+        for dtype in args.dtypes:
+            for parts in args.parts:
+                runs = []
+                for repeat in range(args.repeats):
+                    out = root / f"shards-{parts}-{dtype}-{repeat}"
+                    runs.append(run_child(root / MODEL, out, parts, dtype))
+                    if not args.keep:
+                        shutil.rmtree(out)
+                write_s = statistics.median(run["write_s"] for run in runs)
+                imports = max(run["rss_after_imports"] for run in runs)
+                peak = max(run["maxrss"] for run in runs)
+                rows.append([
+                    str(parts), dtype, f"{statistics.median(run['load_s'] for run in runs):.2f}", f"{write_s:.2f}",
+                    f"{runs[0]['bytes'] / MIB / write_s:.0f}",
+                    f"{statistics.median(run['process_s'] for run in runs):.2f}", f"{runs[0]['bytes'] / MIB:.1f}",
+                    f"{imports / MIB:.0f}", f"{peak / MIB:.0f}", f"{(peak - imports) / MIB:.0f}",
+                ])  # fmt: skip
+        print(table(rows))
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
