@@ -6,10 +6,11 @@ import argparse
 import json
 import math
 import re
-from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from services.sharder.placement import NodeCapacity
 
 if TYPE_CHECKING:
     from services.common.gpt2.config import GPT2Config
@@ -21,13 +22,6 @@ NODE_FORMAT = "ID:MEMORY:SPEED, e.g. laptop:4G:900 (memory in bytes or with K/M/
 # "2G", "2Gi", "2GiB" are binary (2 * 1024**3, as `free -h` and Docker read them); "2GB" is SI (2 * 10**9).
 _MEMORY = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)([kmgt]?)(i?b?)$", re.IGNORECASE)
 _PREFIX_POWER = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
-
-
-@dataclass(frozen=True)
-class NodeSpec:
-    node_id: str
-    memory_bytes: int
-    speed: float
 
 
 def parse_memory(text: str) -> int:
@@ -47,7 +41,7 @@ def parse_memory(text: str) -> int:
     return size
 
 
-def parse_node(text: str) -> NodeSpec:
+def parse_node(text: str) -> NodeCapacity:
     """ID:MEMORY:SPEED; the id may itself hold colons (the last two fields are split off)."""
     parts = text.rsplit(":", 2)
     if len(parts) != 3 or not parts[0]:
@@ -59,7 +53,7 @@ def parse_node(text: str) -> NodeSpec:
         speed = math.nan
     if not (math.isfinite(speed) and speed > 0):
         raise argparse.ArgumentTypeError(f"node {text!r}: speed {speed_text!r} must be a number > 0")
-    return NodeSpec(node_id, parse_memory(memory), speed)
+    return NodeCapacity(node_id, parse_memory(memory), speed)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,27 +63,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="checkpoint folder, config.json file, or a GPT-2 hub name (gpt2, gpt2-medium, ...)",
     )
     parser.add_argument(
-        "--node", dest="nodes", type=parse_node, action="append", default=[], metavar="ID:MEMORY:SPEED",
+        "--node",
+        dest="nodes",
+        type=parse_node,
+        action="append",
+        default=[],
+        metavar="ID:MEMORY:SPEED",
         help=f"a node, repeated for each: {NODE_FORMAT}",
-    )  # fmt: skip
+    )
     parser.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="shard dtype")
     parser.add_argument(
-        "--kv-cache-tokens", type=int, default=0, metavar="N",
+        "--kv-cache-tokens",
+        type=int,
+        default=0,
+        metavar="N",
         help="KV cache positions each node reserves per layer (batch x context); default 0",
-    )  # fmt: skip
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from services.common.errors import InvalidArgument
     from services.sharder.footprint import footprint
-    from services.sharder.placement import NodeCapacity, plan_placement
+    from services.sharder.placement import plan_placement
 
     if not args.nodes:
         raise InvalidArgument(f"no nodes given; pass --node {NODE_FORMAT}, once per node")
     model_id, config = read_config(args.model)
     model_footprint = footprint(config, args.dtype, kv_cache_tokens=args.kv_cache_tokens)
-    nodes = [NodeCapacity(node.node_id, node.memory_bytes, node.speed) for node in args.nodes]
-    plan = plan_placement(model_footprint, nodes)
+    plan = plan_placement(model_footprint, args.nodes)
     print(f"{model_id}: {config.n_layer} layers, {args.dtype}, KV cache {args.kv_cache_tokens} tokens/layer")
     print(describe(model_footprint, args.nodes, plan))
     return 0
@@ -122,10 +123,10 @@ def read_config(source: str) -> tuple[str, GPT2Config]:
     return source, config
 
 
-def describe(model_footprint: ModelFootprint, nodes: list[NodeSpec], plan: list[Assignment]) -> str:
+def describe(model_footprint: ModelFootprint, nodes: list[NodeCapacity], plan: list[Assignment]) -> str:
     """The plan as a table (one row per stage), its bottleneck, and the nodes left without layers."""
     from services.commands.shard import format_table
-    from services.sharder.placement import NodeCapacity, stage_seconds
+    from services.sharder.placement import stage_seconds
 
     by_id = {node.node_id: node for node in nodes}
     rows = [["stage", "node", "layers", "needs", "memory", "used", "ms/token"]]
@@ -133,13 +134,18 @@ def describe(model_footprint: ModelFootprint, nodes: list[NodeSpec], plan: list[
     for stage, assignment in enumerate(plan):
         node = by_id[assignment.node_id]
         needed = model_footprint.stage_bytes(assignment.start, assignment.end)
-        capacity = NodeCapacity(node.node_id, node.memory_bytes, node.speed)
-        times.append(stage_seconds(model_footprint, capacity, assignment))
-        rows.append([
-            str(stage), node.node_id, f"[{assignment.start}, {assignment.end})", human_bytes(needed),
-            human_bytes(node.memory_bytes), f"{100 * needed / node.memory_bytes:.0f}%",
-            f"{1000 * times[-1]:.2f}",
-        ])  # fmt: skip
+        times.append(stage_seconds(model_footprint, node, assignment))
+        rows.append(
+            [
+                str(stage),
+                node.node_id,
+                f"[{assignment.start}, {assignment.end})",
+                human_bytes(needed),
+                human_bytes(node.memory_bytes),
+                f"{100 * needed / node.memory_bytes:.0f}%",
+                f"{1000 * times[-1]:.2f}",
+            ]
+        )
     slowest = max(range(len(plan)), key=times.__getitem__)
     lines = [
         format_table(rows, numeric={0, 3, 4, 5, 6}),

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = load_checkpoint(args.model, progress=True)
     ranges = even_ranges(checkpoint.config.n_layer, args.parts)
     planned = [shard_id(checkpoint.model_id, start, end, args.dtype) for start, end in ranges]
-    with _all_or_nothing(args.out, planned):
+    with _undo_on_failure(args.out, planned):
         manifests = write_shards(checkpoint, ranges, args.out, dtype=args.dtype, progress=True)
     print(summary(manifests, args.out))
     return 0
@@ -75,7 +75,7 @@ def format_table(rows: list[list[str]], *, numeric: Collection[int] = ()) -> str
 
 
 @contextlib.contextmanager
-def _all_or_nothing(out: Path, planned_ids: list[str]) -> Iterator[None]:
+def _undo_on_failure(out: Path, planned_ids: list[str]) -> Iterator[None]:
     """On any failure, remove the shards this run added (write_shards keeps the complete ones).
 
     Files that were there before are left alone, and so is `out` unless this run created it empty.

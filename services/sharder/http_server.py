@@ -69,7 +69,9 @@ async def _send_file(request: web.Request, catalog: Catalog, manifest: ShardMani
         "ETag": etag,
         "Accept-Ranges": "bytes",
         "Content-Type": "application/octet-stream",
-        "Cache-Control": "public, max-age=31536000, immutable",  # content-addressed: never changes
+        # Revalidate every time: the URL names a layer range, not the bytes (re-sharding may change them); the
+        # ETag (sha256) makes that a cheap 304. Browsers cache by sha256 in IndexedDB anyway.
+        "Cache-Control": "no-cache",
     }
     if _matches(request.headers.get("If-None-Match"), manifest.sha256):
         return web.Response(status=304, headers=headers)

@@ -63,9 +63,7 @@ def logits() -> np.ndarray:
     return np.random.default_rng(0).normal(0, 3, size=(12, VOCAB)).astype(np.float32)
 
 
-async def test_greedy_full_and_candidates_agree(
-    stub: sampler_pb2_grpc.SamplerServiceStub, logits: np.ndarray
-) -> None:
+async def test_greedy_full_and_candidates_agree(stub: sampler_pb2_grpc.SamplerServiceStub, logits: np.ndarray) -> None:
     greedy = SamplingParams(temperature=0.0, top_logprobs=5)
     for row in logits[:4]:
         full = await sample(stub, request(row, greedy))
@@ -102,20 +100,13 @@ async def test_same_seed_same_tokens_as_in_process(
 
 async def test_no_seed_draws_fresh_entropy(stub: sampler_pb2_grpc.SamplerServiceStub) -> None:
     flat = np.zeros(1000, dtype=np.float32)
-    draws = {
-        (await sample(stub, request(flat, SamplingParams(temperature=1.0), step=0))).token_id
-        for _ in range(8)
-    }
+    draws = {(await sample(stub, request(flat, SamplingParams(temperature=1.0), step=0))).token_id for _ in range(8)}
     assert len(draws) > 1
 
 
-async def test_proto_zero_defaults_mean_off(
-    stub: sampler_pb2_grpc.SamplerServiceStub, logits: np.ndarray
-) -> None:
+async def test_proto_zero_defaults_mean_off(stub: sampler_pb2_grpc.SamplerServiceStub, logits: np.ndarray) -> None:
     params = common_pb2.SamplingParams(temperature=1.0, top_p=0.0, repetition_penalty=0.0, seed=7)
-    reply = await sample(
-        stub, sampler_pb2.SampleRequest(full=full_logits_to_pb(logits[0]), params=params, step=2)
-    )
+    reply = await sample(stub, sampler_pb2.SampleRequest(full=full_logits_to_pb(logits[0]), params=params, step=2))
     assert reply.token_id == sample_step(logits[0], SamplingParams(temperature=1.0, seed=7), 2).token_id
     # The documented derivation: step n of seed s draws from default_rng([s, n]).
     pinned = sample_next(logits[0], SamplingParams(temperature=1.0, seed=7), np.random.default_rng([7, 2]))
@@ -133,15 +124,11 @@ async def test_penalties_read_the_request_ids(stub: sampler_pb2_grpc.SamplerServ
     assert (await sample(stub, present)).token_id == 3
 
 
-async def test_batch_matches_single_calls(
-    stub: sampler_pb2_grpc.SamplerServiceStub, logits: np.ndarray
-) -> None:
+async def test_batch_matches_single_calls(stub: sampler_pb2_grpc.SamplerServiceStub, logits: np.ndarray) -> None:
     seeded = [replace(SEEDED, seed=seed) for seed in (1, 2, 3)]
     generated = [7, 7, 8]  # three tokens so far: this is step 3
     candidates = [top_k(row) for row in logits[:3]]
-    rows = [
-        request(c, p, step=3, generated_token_ids=generated) for c, p in zip(candidates, seeded, strict=True)
-    ]
+    rows = [request(c, p, step=3, generated_token_ids=generated) for c, p in zip(candidates, seeded, strict=True)]
     rows.append(request(logits[3], SamplingParams(temperature=0.0, top_logprobs=3)))
     batch = await stub.SampleBatch(sampler_pb2.SampleBatchRequest(requests=rows), timeout=DEADLINE_S)
     assert list(batch.results) == [await sample(stub, row) for row in rows]
@@ -172,9 +159,7 @@ async def test_large_batch_runs_off_the_event_loop(
 
 
 def _bad_tensor(**fields: object) -> sampler_pb2.SampleRequest:
-    tensor = common_pb2.Tensor(
-        data=np.zeros(8, np.float32).tobytes(), shape=[8], dtype=common_pb2.DTYPE_FLOAT32
-    )
+    tensor = common_pb2.Tensor(data=np.zeros(8, np.float32).tobytes(), shape=[8], dtype=common_pb2.DTYPE_FLOAT32)
     for name, value in fields.items():
         tensor.ClearField(name)
         if isinstance(value, list):

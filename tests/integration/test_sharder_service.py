@@ -46,9 +46,15 @@ def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 async def sharder(checkpoint_dir: Path, tmp_path: Path) -> AsyncIterator[Sharder]:
     settings = SharderSettings(
-        host="127.0.0.1", port=0, http_host="127.0.0.1", http_port=0, metrics_port=None,
-        shutdown_grace_s=0.5, model=str(checkpoint_dir), shards_dir=tmp_path / "shards",
-    )  # fmt: skip
+        host="127.0.0.1",
+        port=0,
+        http_host="127.0.0.1",
+        http_port=0,
+        metrics_port=None,
+        shutdown_grace_s=0.5,
+        model=str(checkpoint_dir),
+        shards_dir=tmp_path / "shards",
+    )
     server, runner, catalog = await start_sharder(settings)
     http_port = runner.addresses[0][1]
     try:
@@ -125,15 +131,18 @@ async def test_plan_for_the_model_by_name_reuses_written_shards(sharder: Sharder
     [
         ({"nodes": []}, grpc.StatusCode.FAILED_PRECONDITION, "no nodes connected"),
         ({"nodes": [node("a", memory_bytes=1000)]}, grpc.StatusCode.RESOURCE_EXHAUSTED, "not enough memory"),
-        ({"model_id": "gpt2", "nodes": [node("a")]}, grpc.StatusCode.NOT_FOUND,
-         f"model 'gpt2' is not served here; this sharder serves '{MODEL}'"),
+        (
+            {"model_id": "gpt2", "nodes": [node("a")]},
+            grpc.StatusCode.NOT_FOUND,
+            f"model 'gpt2' is not served here; this sharder serves '{MODEL}'",
+        ),
         ({"nodes": [node("")]}, grpc.StatusCode.INVALID_ARGUMENT, "every node needs a node_id"),
         ({"nodes": [node("a", speed=0.0)]}, grpc.StatusCode.INVALID_ARGUMENT, "speed must be > 0"),
         ({"nodes": [node("a", speed=float("nan"))]}, grpc.StatusCode.INVALID_ARGUMENT, "speed must be > 0"),
         ({"nodes": [node("a", memory_bytes=0)]}, grpc.StatusCode.INVALID_ARGUMENT, "must be a positive int"),
         ({"nodes": [node("a"), node("a")]}, grpc.StatusCode.INVALID_ARGUMENT, "node 'a' is listed twice"),
     ],
-)  # fmt: skip
+)
 async def test_plan_errors_are_statuses_that_say_what_to_do(
     sharder: Sharder, request_kwargs: dict, code: grpc.StatusCode, message: str
 ) -> None:
@@ -204,7 +213,7 @@ async def test_get_shard_bytes_match_the_etag_and_the_manifest(sharder: Sharder)
         assert int(reply.headers["Content-Length"]) == len(body) == assignment.size_bytes
         assert reply.headers["Accept-Ranges"] == "bytes"
         assert reply.headers["Content-Type"] == "application/octet-stream"
-        assert "immutable" in reply.headers["Cache-Control"]
+        assert reply.headers["Cache-Control"] == "no-cache"
         assert reply.headers["Access-Control-Allow-Origin"] == "*"
         assert "ETag" in reply.headers["Access-Control-Expose-Headers"]
         assert "Content-Range" in reply.headers["Access-Control-Expose-Headers"]
@@ -325,7 +334,7 @@ async def raw_get(sharder: Sharder, path: str) -> tuple[int, bytes]:
         "/shards/%2e%2e%2f%2e%2e%2fconfig.json",
         "/shards/..%2f..%2f..%2fetc%2fpasswd.json",
         "/shards/....json",
-        "/shards/SHARD/../SHARD.json",
+        "/shards/SHARD/../../model.json",
         "/../../etc/passwd",
         "/shards/%2Fetc%2Fpasswd.json",
     ],

@@ -37,9 +37,7 @@ def stub(connection: grpc.aio.Channel) -> tokenizer_pb2_grpc.TokenizerServiceStu
     return tokenizer_pb2_grpc.TokenizerServiceStub(connection)
 
 
-async def encode(
-    stub: tokenizer_pb2_grpc.TokenizerServiceStub, text: str, special: bool = False
-) -> list[int]:
+async def encode(stub: tokenizer_pb2_grpc.TokenizerServiceStub, text: str, special: bool = False) -> list[int]:
     request = tokenizer_pb2.EncodeRequest(text=text, allow_special=special)
     return list((await stub.Encode(request, timeout=DEADLINE_S)).token_ids)
 
@@ -81,9 +79,7 @@ async def test_batches_match_single_calls(stub: tokenizer_pb2_grpc.TokenizerServ
     encoded = await stub.EncodeBatch(request, timeout=DEADLINE_S)
     assert [list(result.token_ids) for result in encoded.results] == singles
     sequences = [tokenizer_pb2.DecodeRequest(token_ids=ids) for ids in singles]
-    decoded = await stub.DecodeBatch(
-        tokenizer_pb2.DecodeBatchRequest(sequences=sequences), timeout=DEADLINE_S
-    )
+    decoded = await stub.DecodeBatch(tokenizer_pb2.DecodeBatchRequest(sequences=sequences), timeout=DEADLINE_S)
     assert [result.text for result in decoded.results] == TEXTS
     empty = await stub.EncodeBatch(tokenizer_pb2.EncodeBatchRequest(), timeout=DEADLINE_S)
     assert list(empty.results) == []

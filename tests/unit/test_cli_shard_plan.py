@@ -60,8 +60,13 @@ def test_shard_writes_even_ranges_and_prints_a_summary(
         read_shard(manifest, out)  # size, sha256 and tensors check out
         row = next(line for line in captured.out.splitlines() if line.startswith(manifest.shard_id))
         start, end = manifest.layer_start, manifest.layer_end
-        assert row.split() == [manifest.shard_id, f"[{start},", f"{end})", f"{manifest.byte_size:,}",
-                               manifest.sha256[:12]]  # fmt: skip
+        assert row.split() == [
+            manifest.shard_id,
+            f"[{start},",
+            f"{end})",
+            f"{manifest.byte_size:,}",
+            manifest.sha256[:12],
+        ]
     total = sum(m.byte_size for m in index.shards)
     assert f"{parts} shard(s), {total:,} bytes, in {out}" in captured.out
     assert f"sharding {MODEL}" in captured.err  # the tqdm bar
@@ -194,9 +199,12 @@ def test_plan_from_a_checkpoint_folder_matches_plan_placement(
     config = config_of(checkpoint_dir)
     expected = plan_placement(
         footprint(config, "float16"),
-        [NodeCapacity("fast", 1 << 20, 300.0), NodeCapacity("slow", 1 << 20, 100.0),
-         NodeCapacity("tiny", 1024, 1000.0)],
-    )  # fmt: skip
+        [
+            NodeCapacity("fast", 1 << 20, 300.0),
+            NodeCapacity("slow", 1 << 20, 100.0),
+            NodeCapacity("tiny", 1024, 1000.0),
+        ],
+    )
     rows = plan_rows(output)
     assert [(row[1], row[2], row[3]) for row in rows] == [(a.node_id, f"[{a.start},", f"{a.end})") for a in expected]
     assert output.startswith(f"{MODEL}: {N_LAYER} layers, float16")
@@ -212,17 +220,30 @@ def test_plan_from_a_config_file_and_from_a_hub_name_offline(
     seconds = (N_LAYER + model.head_work_layers) / 2  # layers + LM head work, at 2 layers/s
     needed = model.total_bytes
     assert plan_rows(capsys.readouterr().out) == [
-        ["0", "a", "[0,", "3)", f"{needed / 1024:.1f}", "KiB", "1.0", "MiB",
-         f"{100 * needed / (1 << 20):.0f}%", f"{1000 * seconds:.2f}"]
-    ]  # fmt: skip
+        [
+            "0",
+            "a",
+            "[0,",
+            "3)",
+            f"{needed / 1024:.1f}",
+            "KiB",
+            "1.0",
+            "MiB",
+            f"{100 * needed / (1 << 20):.0f}%",
+            f"{1000 * seconds:.2f}",
+        ]
+    ]
     nodes = ["--node", "laptop:4G:900", "--node", "phone:600MB:300", "--node", "spare:4G:900"]
     assert main(["plan", "gpt2", *nodes]) == 0
     output = capsys.readouterr().out
     expected = plan_placement(
         footprint(known_shape("gpt2"), "float16"),
-        [NodeCapacity("laptop", 4 << 30, 900.0), NodeCapacity("phone", 600 * 10**6, 300.0),
-         NodeCapacity("spare", 4 << 30, 900.0)],
-    )  # fmt: skip
+        [
+            NodeCapacity("laptop", 4 << 30, 900.0),
+            NodeCapacity("phone", 600 * 10**6, 300.0),
+            NodeCapacity("spare", 4 << 30, 900.0),
+        ],
+    )
     assert [row[1] for row in plan_rows(output)] == [a.node_id for a in expected]
     assert output.startswith("gpt2: 12 layers, float16")
 
