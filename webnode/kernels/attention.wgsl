@@ -5,6 +5,7 @@
 // Run kv_append.wgsl for the same rows first, so the rows' own keys (and earlier rows of the same
 // prompt) are in the cache. The softmax is computed online, one chunk of WORKGROUP_SIZE keys at a time,
 // so any context length works with fixed workgroup memory.
+// Every barrier is in the entry point itself (see layernorm.wgsl for why).
 //
 // Bindings, group 0 (shapes row-major):
 //   0  uniform             params     AttentionParams (below), 32 bytes; same struct as kv_append.wgsl
@@ -54,34 +55,6 @@ var<workgroup> weights: array<f32, WORKGROUP_SIZE>;    // exp(score - running ma
 var<workgroup> reduction: array<f32, WORKGROUP_SIZE>;
 var<workgroup> key_count: u32;
 
-fn workgroup_max(lane: u32, value: f32) -> f32 {
-  reduction[lane] = value;
-  workgroupBarrier();
-  for (var stride = WORKGROUP_SIZE / 2u; stride > 0u; stride = stride / 2u) {
-    if (lane < stride) {
-      reduction[lane] = max(reduction[lane], reduction[lane + stride]);
-    }
-    workgroupBarrier();
-  }
-  let result = reduction[0];
-  workgroupBarrier();
-  return result;
-}
-
-fn workgroup_sum(lane: u32, value: f32) -> f32 {
-  reduction[lane] = value;
-  workgroupBarrier();
-  for (var stride = WORKGROUP_SIZE / 2u; stride > 0u; stride = stride / 2u) {
-    if (lane < stride) {
-      reduction[lane] = reduction[lane] + reduction[lane + stride];
-    }
-    workgroupBarrier();
-  }
-  let result = reduction[0];
-  workgroupBarrier();
-  return result;
-}
-
 @compute @workgroup_size(WORKGROUP_SIZE)
 fn main(@builtin(workgroup_id) group_id: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
   let head = group_id.x;
@@ -127,14 +100,32 @@ fn main(@builtin(workgroup_id) group_id: vec3<u32>, @builtin(local_invocation_in
       }
       score = product;
     }
-    let new_max = max(running_max, workgroup_max(lane, score));
+    reduction[lane] = score;
+    workgroupBarrier();
+    for (var stride = WORKGROUP_SIZE / 2u; stride > 0u; stride = stride / 2u) {
+      if (lane < stride) {
+        reduction[lane] = max(reduction[lane], reduction[lane + stride]);
+      }
+      workgroupBarrier();
+    }
+    let new_max = max(running_max, reduction[0]);
+    workgroupBarrier(); // all have read reduction[0] before it is rewritten
+
     var weight = 0.0;
     if (position < keys) {
       weight = exp(score - new_max);
     }
     weights[lane] = weight;
+    reduction[lane] = weight;
+    workgroupBarrier();
+    for (var stride = WORKGROUP_SIZE / 2u; stride > 0u; stride = stride / 2u) {
+      if (lane < stride) {
+        reduction[lane] = reduction[lane] + reduction[lane + stride];
+      }
+      workgroupBarrier();
+    }
     let correction = exp(running_max - new_max);
-    total = total * correction + workgroup_sum(lane, weight); // the sum's barriers publish weights[]
+    total = total * correction + reduction[0];
     running_max = new_max;
 
     let chunk = min(WORKGROUP_SIZE, keys - start);
@@ -146,7 +137,7 @@ fn main(@builtin(workgroup_id) group_id: vec3<u32>, @builtin(local_invocation_in
       }
       accumulator[d] = sum;
     }
-    workgroupBarrier(); // weights[] is rewritten by the next chunk
+    workgroupBarrier(); // weights[] and reduction[0] are rewritten by the next chunk
   }
 
   for (var d = lane; d < head_dim; d = d + WORKGROUP_SIZE) {

@@ -5,7 +5,7 @@
 //   1  storage, read       ids          array<u32> (rows,)      token id of each row
 //   2  storage, read       row_meta     array<RowMeta> (rows,)  {slot, position} per row, 8 bytes each;
 //                                       the same buffer kv_append.wgsl and attention.wgsl read
-//   3  storage, read       wte          (vocab_count, n_embd)   token rows [vocab_start, vocab_start + vocab_count)
+//   3  storage, read       wte          (vocab_count, n_embd)   wte rows from vocab_start on
 //   4  storage, read       wpe          (n_positions, n_embd)
 //   5  storage, read_write out          (rows, n_embd)
 // Overrides: WORKGROUP_SIZE (default 64).

@@ -54,7 +54,8 @@ fn main(@builtin(workgroup_id) group_id: vec3<u32>, @builtin(local_invocation_in
   let head_dim = params.n_embd / params.n_head;
   let head = channel / head_dim;
   let d = channel % head_dim;
-  let destination = ((placement.slot * params.n_head + head) * params.max_positions + placement.position) * head_dim + d;
+  let cache_row = (placement.slot * params.n_head + head) * params.max_positions + placement.position;
+  let destination = cache_row * head_dim + d;
   let source = row * 3u * params.n_embd + channel;
   k_cache[destination] = qkv[source + params.n_embd];
   v_cache[destination] = qkv[source + 2u * params.n_embd];

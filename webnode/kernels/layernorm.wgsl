@@ -10,6 +10,8 @@
 // Dispatch: (rows, 1, 1): one workgroup per row.
 // Two passes over the row (mean, then the mean of squared deviations), as torch does: the variance is
 // biased and never negative, unlike E[x^2] - E[x]^2 on rows with a large mean.
+// Every barrier is in the entry point itself: Tint's GLSL for a helper function holding barriers
+// ran wrong on Mesa's GLES driver (llvmpipe, through Dawn's compatibility mode), inlined it ran right.
 
 struct LayerNormParams {
   rows: u32,
@@ -28,21 +30,6 @@ override WORKGROUP_SIZE: u32 = 128u;
 
 var<workgroup> partial: array<f32, WORKGROUP_SIZE>;
 
-// Sum of `value` over the workgroup; every invocation gets the total. Call from uniform control flow.
-fn workgroup_sum(lane: u32, value: f32) -> f32 {
-  partial[lane] = value;
-  workgroupBarrier();
-  for (var stride = WORKGROUP_SIZE / 2u; stride > 0u; stride = stride / 2u) {
-    if (lane < stride) {
-      partial[lane] = partial[lane] + partial[lane + stride];
-    }
-    workgroupBarrier();
-  }
-  let total = partial[0];
-  workgroupBarrier();
-  return total;
-}
-
 @compute @workgroup_size(WORKGROUP_SIZE)
 fn main(@builtin(workgroup_id) group_id: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
   let row = group_id.x;
@@ -56,14 +43,31 @@ fn main(@builtin(workgroup_id) group_id: vec3<u32>, @builtin(local_invocation_in
   for (var i = lane; i < n; i = i + WORKGROUP_SIZE) {
     sum = sum + x[base + i];
   }
-  let mean = workgroup_sum(lane, sum) / f32(n);
+  partial[lane] = sum;
+  workgroupBarrier();
+  for (var stride = WORKGROUP_SIZE / 2u; stride > 0u; stride = stride / 2u) {
+    if (lane < stride) {
+      partial[lane] = partial[lane] + partial[lane + stride];
+    }
+    workgroupBarrier();
+  }
+  let mean = partial[0] / f32(n);
+  workgroupBarrier(); // all have read partial[0] before it is rewritten
 
   var squares = 0.0;
   for (var i = lane; i < n; i = i + WORKGROUP_SIZE) {
     let deviation = x[base + i] - mean;
     squares = squares + deviation * deviation;
   }
-  let inverse_std = inverseSqrt(workgroup_sum(lane, squares) / f32(n) + params.eps);
+  partial[lane] = squares;
+  workgroupBarrier();
+  for (var stride = WORKGROUP_SIZE / 2u; stride > 0u; stride = stride / 2u) {
+    if (lane < stride) {
+      partial[lane] = partial[lane] + partial[lane + stride];
+    }
+    workgroupBarrier();
+  }
+  let inverse_std = inverseSqrt(partial[0] / f32(n) + params.eps);
 
   for (var i = lane; i < n; i = i + WORKGROUP_SIZE) {
     out[base + i] = (x[base + i] - mean) * inverse_std * weight[i] + bias[i];
