@@ -8,6 +8,8 @@ import ipaddress
 import os
 from pathlib import Path
 
+from services.common.errors import FailedPrecondition
+
 HELP = "Write a self-signed certificate + key (PEM) for the gateway's wss:// endpoint on a local network."
 
 CERT_FILE = "gateway-cert.pem"
@@ -115,8 +117,6 @@ def _general_name(name: str):
 
 def write_pair(folder: Path, cert_pem: bytes, key_pem: bytes, *, force: bool) -> tuple[Path, Path]:
     """Write both files; the key is created with mode 0600 (never readable by others, even for a moment)."""
-    from services.common.errors import FailedPrecondition
-
     folder.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = folder / CERT_FILE, folder / KEY_FILE
     existing = [str(path) for path in (cert_path, key_path) if path.exists()]

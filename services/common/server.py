@@ -48,7 +48,8 @@ class _Call:
     def __init__(self, service: str, method: str, context: grpc.aio.ServicerContext) -> None:
         self.service, self.method, self.context = service, method, context
         self.started = time.perf_counter()
-        self.token = request_id_var.set(_request_id(context))
+        # Each call runs in its own task (its own context copy), so the id needs no reset afterwards.
+        request_id_var.set(_request_id(context))
 
     async def fail(self, error: BaseException) -> None:
         if isinstance(error, SynapseError):
@@ -70,7 +71,6 @@ class _Call:
         code = code or self.context.code() or grpc.StatusCode.OK
         GRPC_HANDLED.labels(self.service, self.method, code.name).inc()
         GRPC_DURATION.labels(self.service, self.method).observe(time.perf_counter() - self.started)
-        request_id_var.reset(self.token)
 
 
 def _wrap_unary(service: str, method: str, behaviour: Callable[..., Awaitable[Any]]) -> Callable:

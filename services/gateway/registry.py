@@ -61,7 +61,10 @@ class MemoryRegistry:
         pass
 
     async def put(self, record: NodeRecord) -> None:
-        self._nodes[record.node_id] = record
+        if record.state == "gone":
+            self._nodes.pop(record.node_id, None)  # watchers still get the event below
+        else:
+            self._nodes[record.node_id] = record
         for queue in self._subscribers:
             queue.put_nowait(record)
 

@@ -40,4 +40,10 @@ class GatewaySettings(ServiceSettings):
     )
     step_timeout_s: float = Field(60.0, gt=0, description="Longest one stage may take for one step.")
     max_frame_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Largest WebSocket message accepted.")
-    webnode_dir: Path = Field(WEBNODE_DIR, description="Static files of the web node page, served at /.")
+    webnode_dir: Path | None = Field(
+        None, description="Static files of the web node page, served at /; unset = the webnode/ folder shipped with Synapse."
+    )
+
+    @property
+    def webnode_root(self) -> Path:
+        return self.webnode_dir or WEBNODE_DIR

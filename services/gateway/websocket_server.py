@@ -69,7 +69,7 @@ class NodeEndpoint:
         if settings.tls_cert and settings.tls_key:
             tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             tls.load_cert_chain(settings.tls_cert, settings.tls_key)
-        root = settings.webnode_dir
+        root = settings.webnode_root
         self.server = await serve(
             self.handle,
             settings.ws_host,
@@ -120,7 +120,10 @@ class NodeEndpoint:
             await self.hub.left(connection, why)
 
     async def _hello(self, websocket: ServerConnection) -> control.Hello:
-        first = await asyncio.wait_for(websocket.recv(), HELLO_TIMEOUT_S)
+        try:
+            first = await asyncio.wait_for(websocket.recv(), HELLO_TIMEOUT_S)
+        except TimeoutError:
+            raise InvalidArgument(f"no hello within {HELLO_TIMEOUT_S:g} s of connecting") from None
         if isinstance(first, bytes):
             raise InvalidArgument("the first message must be a JSON hello, got binary")
         message = control.parse_node_message(first)
@@ -148,7 +151,7 @@ class NodeEndpoint:
             elif isinstance(message, control.Progress):
                 log.debug("node_progress", extra={"node": connection.node_id, "done": message.done_bytes})
             elif isinstance(message, control.Error):
-                log.warning("node_error", extra={"node": connection.node_id, "message": message.message})
+                log.warning("node_error", extra={"node": connection.node_id, "error": message.message})
                 if message.fatal:
                     return f"node reported a fatal error: {message.message}"
             elif isinstance(message, control.Bye):

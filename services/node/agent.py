@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
@@ -49,6 +50,7 @@ class NodeAgent:
         # One compute thread: steps run in order; torch uses its own intra-op threads inside.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
         self.connected = asyncio.Event()
+        self._loads: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
 
     async def run_forever(self) -> None:
         """Stay connected; after a drop, retry with exponential backoff and jitter."""
@@ -103,21 +105,29 @@ class NodeAgent:
                 if isinstance(message, bytes):
                     steps.put_nowait(message)
                 else:
-                    await self._control(websocket, json.loads(message))
+                    await self._control(websocket, message)
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _control(self, websocket: ClientConnection, message: dict) -> None:
-        kind = message.get("kind")
-        if kind == "assign":
-            assign = control.Assign.model_validate(message)
-            asyncio.create_task(self._load(websocket, assign))
+    async def _control(self, websocket: ClientConnection, text: str) -> None:
+        try:
+            message = json.loads(text)
+            kind = message.get("kind") if isinstance(message, dict) else None
+            assign = control.Assign.model_validate(message) if kind == "assign" else None
+        except (json.JSONDecodeError, ValidationError) as error:
+            log.warning("gateway_message_rejected", extra={"error": str(error)[:200]})
+            await websocket.send(control.dump(control.Error(kind="error", message=f"bad control message: {error}")))
+            return
+        if assign is not None:
+            task = asyncio.create_task(self._load(websocket, assign))
+            self._loads.add(task)
+            task.add_done_callback(self._loads.discard)
         elif kind == "release" and self.worker is not None:
             self.worker.release(list(message.get("request_ids", [])))
         elif kind == "error":
-            log.warning("gateway_error", extra={"message": message.get("message")})
+            log.warning("gateway_error", extra={"error": message.get("message")})
 
     async def _load(self, websocket: ClientConnection, assign: control.Assign) -> None:
         try:

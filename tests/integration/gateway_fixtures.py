@@ -31,6 +31,7 @@ from services.gateway.hub import Hub
 from services.gateway.peers import GatewayClient
 from services.gateway.settings import GatewaySettings
 from services.gateway.websocket_server import WS_PATH, NodeEndpoint
+from services.launcher import free_port
 from services.node.agent import NodeAgent
 from services.node.settings import NodeSettings
 
@@ -38,12 +39,6 @@ from services.node.settings import NodeSettings
 FAKE_STATS_MS = (1.5, 0.25, 0.125)  # compute, queue, serialize
 FAKE_HIDDEN = 4  # columns of the fake activations
 STATE_NAMES = {value: name for name, value in router_pb2.NodeState.items()}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # --- gateways -----------------------------------------------------------------------------------
@@ -91,10 +86,15 @@ class RunningGateway:
         await stop_gateway(self.server, self.endpoint, self.hub)
 
 
+async def start_running_gateway(**overrides: object) -> RunningGateway:
+    """A started gateway; the caller stops it (running_gateway does that for a with block)."""
+    settings = gateway_settings(**overrides)
+    return RunningGateway(settings, *await start_gateway(settings))
+
+
 @contextlib.asynccontextmanager
 async def running_gateway(**overrides: object) -> AsyncIterator[RunningGateway]:
-    settings = gateway_settings(**overrides)
-    gateway = RunningGateway(settings, *await start_gateway(settings))
+    gateway = await start_running_gateway(**overrides)
     try:
         yield gateway
     finally:
@@ -225,10 +225,9 @@ async def closed_with(websocket: ClientConnection, timeout_s: float = 5.0) -> tu
 
 def make_agent(gateway_url: str, node_id: str, cache_dir: Path, **settings: object) -> NodeAgent:
     """A NodeAgent on the CPU in float32, without the start-up benchmark."""
-    node_settings = NodeSettings(
-        gateway_url=gateway_url, node_id=node_id, cache_dir=cache_dir, metrics_port=None,
-        reconnect_min_s=0.05, reconnect_max_s=0.5, **settings,
-    )  # fmt: skip
+    values: dict[str, object] = dict(reconnect_min_s=0.05, reconnect_max_s=0.5, metrics_port=None)
+    values.update(settings)
+    node_settings = NodeSettings(gateway_url=gateway_url, node_id=node_id, cache_dir=cache_dir, **values)
     return NodeAgent(
         node_settings, node_id=node_id, device=torch.device("cpu"), dtype=torch.float32,
         memory_bytes=1 << 30, speed=100.0,

@@ -24,8 +24,9 @@ from websockets.exceptions import InvalidHandshake
 from services.cli import main as synapse
 from services.common import syn1
 from services.common.pb import gateway_pb2
-from services.gateway import redis_registry
+from services.gateway import redis_registry, websocket_server
 from services.gateway.websocket_server import CLOSE_POLICY
+from services.launcher import free_port
 from tests.integration.gateway_fixtures import (
     FAKE_HIDDEN,
     FAKE_STATS_MS,
@@ -33,7 +34,6 @@ from tests.integration.gateway_fixtures import (
     RunningGateway,
     closed_with,
     embed,
-    free_port,
     head,
     hello,
     make_agent,
@@ -233,6 +233,43 @@ async def test_bad_first_message_is_refused(gateway: RunningGateway, case: str) 
     await good.close()
 
 
+@pytest.mark.timeout(30)
+async def test_connection_that_never_says_hello_is_refused(
+    gateway: RunningGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(websocket_server, "HELLO_TIMEOUT_S", 0.2)
+    websocket = await connect(gateway.ws_url, close_timeout=1)
+    received, code = await closed_with(websocket)
+    assert code == CLOSE_POLICY
+    assert received == [{"kind": "error", "message": "no hello within 0.2 s of connecting", "fatal": True}]
+
+
+@pytest.mark.timeout(30)
+async def test_message_above_max_frame_bytes_closes_with_1009() -> None:
+    async with running_gateway(max_frame_bytes=4096) as gateway:
+        node = await FakeNode.join(gateway.ws_url, "big")
+        await node.websocket.send(b"\0" * 5000)
+        await asyncio.wait_for(node.websocket.wait_closed(), 5)
+        assert node.websocket.close_code == 1009
+        for _ in range(50):
+            if "big" not in gateway.hub.connections:
+                break
+            await asyncio.sleep(0.02)
+        assert "big" not in gateway.hub.connections
+
+
+@pytest.mark.timeout(30)
+async def test_node_errors_keep_it_unless_fatal(gateway: RunningGateway) -> None:
+    node = await FakeNode.join(gateway.ws_url, "fragile", compute=head)
+    await node.send_json(kind="error", message="shard download failed: sha256 mismatch")
+    await assert_serves(gateway, "fragile")
+    async with watching(gateway) as watch:
+        await watch.until("fragile", "joined")  # the watch is subscribed
+        await node.send_json(kind="error", message="WebGPU device lost", fatal=True)
+        await watch.until("fragile", "gone")
+    await asyncio.wait_for(node.websocket.wait_closed(), 5)
+
+
 async def _assert_gateway_unharmed(gateway: RunningGateway, refused: str) -> None:
     """The refused node is gone, "good" still computes, and a new node is still welcomed."""
     for _ in range(50):
@@ -256,6 +293,7 @@ async def test_node_that_stops_answering_pings_is_gone_and_its_step_fails() -> N
         alive = await FakeNode.join(gateway.ws_url, "good", compute=head)
         deaf = await FakeNode.join(gateway.ws_url, "deaf")
         async with watching(gateway) as watch, run_client(gateway) as client:
+            await watch.until("deaf", "joined")  # the watch is subscribed
             step = asyncio.create_task(client.step(token_step([stage("deaf", 0, 2)], 5, 0, [1]), 30))
             await deaf.next_step()
             deaf.websocket.transport.pause_reading()  # no more pongs, and the step is never answered
