@@ -54,6 +54,7 @@ class _Call:
     async def fail(self, error: BaseException) -> None:
         if isinstance(error, SynapseError):
             code = status_of(error)
+            log.info("rpc_error", extra={"method": self.method, "code": code.name, "error": str(error)[:300]})
             self.finish(code)
             await self.context.abort(code, str(error))
         if isinstance(error, asyncio.CancelledError):
