@@ -112,9 +112,7 @@ def read_header(
     have = len(buf) - offset
     if have < HEADER_SIZE:
         raise FrameError(f"truncated header: need {HEADER_SIZE} bytes, got {have}")
-    magic, msg_type, flags, dtype, reserved, position, request_id, rows, cols = _HEADER.unpack_from(
-        buf, offset
-    )
+    magic, msg_type, flags, dtype, reserved, position, request_id, rows, cols = _HEADER.unpack_from(buf, offset)
     if magic != MAGIC:
         hint = " (byte-swapped: write the ASCII bytes S Y N 1 in order)" if magic == MAGIC[::-1] else ""
         raise FrameError(f'bad magic {magic.hex()}: expected 53594e31 ("SYN1"){hint}')
@@ -156,8 +154,7 @@ def _check_header(header: Header, max_payload_bytes: int | None) -> None:
         raise FrameError(f"dtype {dtype.name} is not allowed for {msg_type.name} frames: expected {names}")
     if bool(header.flags & Flag.QUANTIZED) != (dtype is DType.I8):
         raise FrameError(
-            f"flag QUANTIZED must be set exactly when dtype is I8 "
-            f"(flags 0x{int(header.flags):02x}, dtype {dtype.name})"
+            f"flag QUANTIZED must be set exactly when dtype is I8 (flags 0x{int(header.flags):02x}, dtype {dtype.name})"
         )
     if rows < 1 or cols < 1:
         raise FrameError(f"empty shape ({rows}, {cols}): rows and cols must both be at least 1")
@@ -166,8 +163,7 @@ def _check_header(header: Header, max_payload_bytes: int | None) -> None:
     size = header.payload_size
     if max_payload_bytes is not None and size > max_payload_bytes:
         raise FrameError(
-            f"payload of {size} bytes for shape ({rows}, {cols}) exceeds the limit of "
-            f"{max_payload_bytes} bytes"
+            f"payload of {size} bytes for shape ({rows}, {cols}) exceeds the limit of {max_payload_bytes} bytes"
         )
 
 
@@ -213,9 +209,7 @@ class Frame:
                 raise FrameError(f"scales shape {self.scales.shape} != (rows,) = ({self.array.shape[0]},)")
 
     @classmethod
-    def activation(
-        cls, request_id: int, position: int, hidden: np.ndarray, scales: np.ndarray | None = None
-    ) -> Frame:
+    def activation(cls, request_id: int, position: int, hidden: np.ndarray, scales: np.ndarray | None = None) -> Frame:
         """Hidden states (positions, n_embd); pass int8 `hidden` with its (positions,) `scales`."""
         return cls(MessageType.ACTIVATION, request_id, position, hidden, scales=scales)
 
@@ -310,9 +304,7 @@ def encode(frame: Frame, dtype: DType | None = None) -> bytes:
     if frame.msg_type is MessageType.OUTPUT:
         parts.append(frame.token_ids.astype("<i4", copy=False).tobytes())
     if target is DType.I8:
-        quantized, scales = (
-            (frame.array, frame.scales) if frame.scales is not None else quantize_int8(frame.array)
-        )
+        quantized, scales = (frame.array, frame.scales) if frame.scales is not None else quantize_int8(frame.array)
         parts += [scales.astype("<f4", copy=False).tobytes(), quantized.tobytes()]
     elif target is DType.I32:
         parts.append(frame.array.astype("<i4", copy=False).tobytes())
@@ -341,9 +333,7 @@ def encode_frames(frames: Iterable[Frame], dtype: DType | None = None) -> bytes:
     return b"".join(encoded)
 
 
-def decode_frames(
-    buf: bytes | memoryview, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
-) -> list[Frame]:
+def decode_frames(buf: bytes | memoryview, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> list[Frame]:
     """A message of one or more frames back to back -> frames in order; any defect fails the message."""
     view = _byte_view(buf)
     if len(view) == 0:
@@ -360,6 +350,17 @@ def decode_frames(
     return frames
 
 
+def message_rows(buf: bytes | memoryview) -> int:
+    """Total rows (token positions) of the frames in a message, from their headers alone."""
+    view = _byte_view(buf)
+    offset = rows = 0
+    while offset < len(view):
+        header = read_header(view, offset)
+        rows += header.rows
+        offset += header.frame_size
+    return rows
+
+
 def _byte_view(buf: bytes | memoryview) -> memoryview:
     try:
         view = memoryview(buf)
@@ -372,9 +373,7 @@ def _decode_at(view: memoryview, offset: int, max_payload_bytes: int) -> tuple[F
     header = read_header(view, offset, max_payload_bytes=max_payload_bytes)
     end = offset + header.frame_size
     if len(view) < end:
-        raise FrameError(
-            f"truncated frame: header declares {header.frame_size} bytes, got {len(view) - offset}"
-        )
+        raise FrameError(f"truncated frame: header declares {header.frame_size} bytes, got {len(view) - offset}")
     payload_end = offset + HEADER_SIZE + header.payload_size
     for index in range(payload_end, end):
         if view[index]:

@@ -16,9 +16,7 @@ log = logging.getLogger(__name__)
 
 
 class Hub:
-    def __init__(
-        self, gateway_id: str, address: str, registry: MemoryRegistry, step_timeout_s: float
-    ) -> None:
+    def __init__(self, gateway_id: str, address: str, registry: MemoryRegistry, step_timeout_s: float) -> None:
         self.gateway_id = gateway_id
         self.address = address
         self.registry = registry
@@ -97,9 +95,7 @@ class Hub:
                     if forwarded.HasField("error"):
                         response.error.CopyFrom(forwarded.error)
                     return response
-                message = await self._run_stage(
-                    stage.node_id, message, response, encode_s if index == 0 else 0.0
-                )
+                message = await self._run_stage(stage.node_id, message, response, encode_s if index == 0 else 0.0)
             response.frames = message
             metrics.STEPS.labels("ok").inc()
         except (NodeGone, StepFailedOnNode) as error:
@@ -114,8 +110,7 @@ class Hub:
         if request.WhichOneof("input") == "frames":
             return request.frames
         frames = [
-            syn1.Frame.tokens(item.request_id, item.position, list(item.token_ids))
-            for item in request.items.items
+            syn1.Frame.tokens(item.request_id, item.position, list(item.token_ids)) for item in request.items.items
         ]
         return syn1.encode_frames(frames)
 
@@ -128,7 +123,7 @@ class Hub:
         started = time.perf_counter()
         reply = await connection.step(message, self.step_timeout_s)
         round_trip_s = reply.received_at - started
-        tokens = _tokens_in(message)
+        tokens = syn1.message_rows(message)
         self._observe(reply, round_trip_s, gateway_serialize_s, len(message), tokens)
         response.hops.add(
             node_id=node_id,
@@ -142,9 +137,7 @@ class Hub:
         )
         return reply.frames
 
-    async def _forward(
-        self, request: gateway_pb2.StepRequest, index: int, message: bytes
-    ) -> gateway_pb2.StepResponse:
+    async def _forward(self, request: gateway_pb2.StepRequest, index: int, message: bytes) -> gateway_pb2.StepResponse:
         stage = request.route[index]
         forwarded = gateway_pb2.StepRequest(step_id=request.step_id, route=request.route[index:])
         if index == 0 and request.WhichOneof("input") == "items":
@@ -154,9 +147,7 @@ class Hub:
         return await self.peers.step(stage.gateway_address, forwarded, self.step_timeout_s)
 
     @staticmethod
-    def _observe(
-        reply: StepReply, round_trip_s: float, gateway_serialize_s: float, sent: int, tokens: int
-    ) -> None:
+    def _observe(reply: StepReply, round_trip_s: float, gateway_serialize_s: float, sent: int, tokens: int) -> None:
         metrics.HOP_ROUND_TRIP.observe(round_trip_s)
         metrics.HOP_COMPUTE.observe(reply.compute_ms / 1e3)
         network_s = round_trip_s - (reply.compute_ms + reply.queue_ms + reply.serialize_ms) / 1e3
@@ -168,16 +159,6 @@ class Hub:
         if tokens:
             metrics.HOP_BYTES_PER_TOKEN.labels("to_node").observe(sent / tokens)
             metrics.HOP_BYTES_PER_TOKEN.labels("from_node").observe(reply.size / tokens)
-
-
-def _tokens_in(message: bytes) -> int:
-    """Rows (= token positions) of the frames in a message, from the headers alone."""
-    offset, rows = 0, 0
-    while offset < len(message):
-        header = syn1.read_header(message, offset)
-        rows += header.rows
-        offset += header.frame_size
-    return rows
 
 
 def record_for(hello: object, gateway_id: str, address: str) -> NodeRecord:

@@ -28,6 +28,9 @@ from services.sharder.shards import read_shard
 
 log = logging.getLogger(__name__)
 
+# Steps of at most this many token rows run on the event loop thread (see _in_compute_thread).
+INLINE_MAX_ROWS = 64
+
 
 class NodeAgent:
     def __init__(
@@ -95,7 +98,7 @@ class NodeAgent:
         self.connected.set()
         if self.worker is not None:  # a new session: request ids of the old one mean nothing now
             self.worker.release_all()
-        steps: asyncio.Queue[bytes] = asyncio.Queue()
+        steps: asyncio.Queue[tuple[bytes, float]] = asyncio.Queue()
         tasks = [
             asyncio.create_task(self._compute(websocket, steps)),
             asyncio.create_task(self._sweep_idle()),
@@ -103,7 +106,7 @@ class NodeAgent:
         try:
             async for message in websocket:
                 if isinstance(message, bytes):
-                    steps.put_nowait(message)
+                    steps.put_nowait((message, time.perf_counter()))
                 else:
                     await self._control(websocket, message)
         finally:
@@ -175,24 +178,34 @@ class NodeAgent:
             device=self.device,
         )
 
-    async def _compute(self, websocket: ClientConnection, steps: asyncio.Queue[bytes]) -> None:
+    async def _compute(self, websocket: ClientConnection, steps: asyncio.Queue[tuple[bytes, float]]) -> None:
         """Take every step waiting, run them as one batch, answer each in arrival order."""
-        loop = asyncio.get_running_loop()
         while True:
-            batch = [(await steps.get(), time.perf_counter())]
+            batch = [await steps.get()]
             while not steps.empty() and len(batch) < self.settings.max_batch:
-                batch.append((steps.get_nowait(), time.perf_counter()))
+                batch.append(steps.get_nowait())
             try:
-                replies = await loop.run_in_executor(self.executor, self._run_batch, batch)
+                replies = await self._in_compute_thread(self._run_batch, batch)
             except SynapseError:
                 # One bad step must not fail the others: run them one by one, answering each.
-                replies = [await loop.run_in_executor(self.executor, self._run_alone, step) for step in batch]
+                replies = [await self._in_compute_thread(self._run_alone, [step]) for step in batch]
             for reply in replies:
                 await websocket.send(reply)
 
-    def _run_alone(self, step: tuple[bytes, float]) -> bytes | str:
+    async def _in_compute_thread(self, function, batch: list[tuple[bytes, float]]):  # noqa: ANN001, ANN202
+        """Small steps (decode) run right here: two thread hand-offs cost more than they save. Big ones
+        (prefill) go to the compute thread so WebSocket pings are still answered while they run."""
         try:
-            return self._run_batch([step])[0]
+            rows = sum(syn1.message_rows(message) for message, _ in batch)
+        except syn1.FrameError:
+            rows = 0  # malformed: the function itself reports it
+        if rows <= INLINE_MAX_ROWS:
+            return function(batch)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, function, batch)
+
+    def _run_alone(self, batch: list[tuple[bytes, float]]) -> bytes | str:
+        try:
+            return self._run_batch(batch)[0]
         except SynapseError as error:
             log.warning("step_failed", extra={"error": str(error)})
             return control.dump(control.StepFailed(message=str(error)))

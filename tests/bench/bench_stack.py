@@ -75,20 +75,24 @@ def stack_stream(client: SynapseClient, tokens: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--node-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment for the node processes (e.g. OMP_WAIT_POLICY=PASSIVE)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_random_gpt2(Path(tmp) / "gpt2-random")
-        reference = statistics.median(
-            transformers_decode_rate(folder, args.tokens) for _ in range(args.repeats)
-        )
-        stack = Stack(model=str(folder), workdir=Path(tmp) / "stack", nodes=args.nodes)
+        reference = statistics.median(transformers_decode_rate(folder, args.tokens) for _ in range(args.repeats))
+        node_env = dict(item.split("=", 1) for item in args.node_env)
+        stack = Stack(model=str(folder), workdir=Path(tmp) / "stack", nodes=args.nodes, node_env=node_env)
         with stack, SynapseClient(stack.router_address) as client:
             deadline = time.monotonic() + 300
             while not any(len(p.stages) == args.nodes for p in client.topology().pipelines):
@@ -114,9 +118,7 @@ def main() -> None:
             aggregate = sum(counts) / (time.perf_counter() - started)
             single_started = time.perf_counter()
             single = sum(
-                1
-                for r in client.generate(PROMPT, max_tokens=args.tokens, ignore_eos=True)
-                if r.HasField("token_id")
+                1 for r in client.generate(PROMPT, max_tokens=args.tokens, ignore_eos=True) if r.HasField("token_id")
             ) / (time.perf_counter() - single_started)
     print(
         f"GPT-2 124M (random weights), {args.tokens} decode tokens, {args.nodes} native nodes, "
