@@ -28,9 +28,7 @@ def make_registry(settings: GatewaySettings) -> MemoryRegistry:
 async def start_gateway(settings: GatewaySettings) -> tuple[GrpcServer, NodeEndpoint, Hub]:
     """Start every part; returns them so tests can run a gateway in-process."""
     name = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
-    server = GrpcServer(
-        "gateway", [name], host=settings.host, port=settings.port, grace_s=settings.shutdown_grace_s
-    )
+    server = GrpcServer("gateway", [name], host=settings.host, port=settings.port, grace_s=settings.shutdown_grace_s)
     address = settings.advertise_address or server.address
     gateway_id = settings.gateway_id or f"{socket.gethostname()}-{os.getpid()}-{server.port}"
     registry = make_registry(settings)

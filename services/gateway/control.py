@@ -114,9 +114,7 @@ class Bye(_Message):
     reason: str = ""
 
 
-NodeMessage = Annotated[
-    Hello | Progress | Ready | Error | StepFailed | Heartbeat | Bye, Field(discriminator="kind")
-]
+NodeMessage = Annotated[Hello | Progress | Ready | Error | StepFailed | Heartbeat | Bye, Field(discriminator="kind")]
 _NODE_MESSAGE = TypeAdapter(NodeMessage)
 
 

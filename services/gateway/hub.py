@@ -95,12 +95,13 @@ class Hub:
                     if forwarded.HasField("error"):
                         response.error.CopyFrom(forwarded.error)
                     return response
-                message = await self._run_stage(stage.node_id, message, response, encode_s if index == 0 else 0.0)
+                message = await self._run_stage(stage, message, response, encode_s if index == 0 else 0.0)
             response.frames = message
             metrics.STEPS.labels("ok").inc()
         except (NodeGone, StepFailedOnNode) as error:
             metrics.STEPS.labels("node_gone" if isinstance(error, NodeGone) else "node_failed").inc()
             response.error.node_id, response.error.message = error.node_id, str(error)
+            response.error.node_gone = isinstance(error, NodeGone)
         except syn1.FrameError as error:
             metrics.STEPS.labels("bad_frames").inc()
             response.error.message = f"bad frames: {error}"
@@ -115,11 +116,20 @@ class Hub:
         return syn1.encode_frames(frames)
 
     async def _run_stage(
-        self, node_id: str, message: bytes, response: gateway_pb2.StepResponse, gateway_serialize_s: float
+        self, stage: gateway_pb2.Stage, message: bytes, response: gateway_pb2.StepResponse, gateway_serialize_s: float
     ) -> bytes:
+        node_id = stage.node_id
         connection = self.connections.get(node_id)
         if connection is None:
             raise NodeGone(node_id, f"not connected to gateway {self.gateway_id}")
+        record, wanted = connection.record, (stage.layers.start, stage.layers.end)
+        if record.layers is not None and (record.state != "ready" or record.layers != wanted):
+            # A re-plan moved this node; running the old route would compute the wrong layers.
+            raise StepFailedOnNode(
+                node_id,
+                f"route expects layers {list(wanted)} but the node is {record.state} "
+                f"with {list(record.layers or ())}; a re-plan is under way",
+            )
         started = time.perf_counter()
         reply = await connection.step(message, self.step_timeout_s)
         round_trip_s = reply.received_at - started

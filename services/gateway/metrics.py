@@ -9,9 +9,7 @@ from services.common.metrics import LATENCY_BUCKETS_S
 BYTES_BUCKETS = (64, 128, 256, 512, 1024, 1600, 2048, 4096, 16384, 65536, 262144, 1048576)
 
 NODES_ONLINE = Gauge("synapse_gateway_nodes_online", "Nodes connected to this gateway, by kind.", ["kind"])
-NODE_EVENTS = Counter(
-    "synapse_gateway_node_events_total", "Node joins, readiness and departures, by event.", ["event"]
-)
+NODE_EVENTS = Counter("synapse_gateway_node_events_total", "Node joins, readiness and departures, by event.", ["event"])
 HOP_ROUND_TRIP = Histogram(
     "synapse_gateway_hop_round_trip_seconds",
     "Gateway -> node -> gateway time of one step on one stage, seconds.",

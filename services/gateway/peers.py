@@ -40,9 +40,7 @@ class GatewayClient:
         try:
             response = await asyncio.wait_for(future, timeout_s)
         except TimeoutError:
-            raise Unavailable(
-                f"gateway {self.address} did not answer a step within {timeout_s:.0f} s"
-            ) from None
+            raise Unavailable(f"gateway {self.address} did not answer a step within {timeout_s:.0f} s") from None
         finally:
             self._pending.pop(step_id, None)
             request.step_id = caller_id
@@ -97,9 +95,7 @@ class PeerGateways:
             self.clients[address] = GatewayClient(address)
         return self.clients[address]
 
-    async def step(
-        self, address: str, request: gateway_pb2.StepRequest, timeout_s: float
-    ) -> gateway_pb2.StepResponse:
+    async def step(self, address: str, request: gateway_pb2.StepRequest, timeout_s: float) -> gateway_pb2.StepResponse:
         return await self.get(address).step(request, timeout_s)
 
     async def close(self) -> None:

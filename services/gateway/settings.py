@@ -22,13 +22,9 @@ class GatewaySettings(ServiceSettings):
         description="host:port other gateways and the router reach this gateway's gRPC at; default host:port.",
     )
     ws_host: str = Field("127.0.0.1", description="Address the node WebSocket server binds to.")
-    ws_port: int = Field(
-        8765, ge=0, le=65535, description="Port of the node WebSocket server (and web page)."
-    )
+    ws_port: int = Field(8765, ge=0, le=65535, description="Port of the node WebSocket server (and web page).")
     tls_cert: Path | None = Field(None, description="PEM certificate; with tls_key, nodes connect over wss.")
-    tls_key: Path | None = Field(
-        None, description="PEM private key for tls_cert (`synapse certs` makes a pair)."
-    )
+    tls_key: Path | None = Field(None, description="PEM private key for tls_cert (`synapse certs` makes a pair).")
     redis_url: str | None = Field(
         None,
         validation_alias=AliasChoices("SYNAPSE_REDIS_URL", "redis_url"),
@@ -41,7 +37,8 @@ class GatewaySettings(ServiceSettings):
     step_timeout_s: float = Field(60.0, gt=0, description="Longest one stage may take for one step.")
     max_frame_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Largest WebSocket message accepted.")
     webnode_dir: Path | None = Field(
-        None, description="Static files of the web node page, served at /; unset = the webnode/ folder shipped with Synapse."
+        None,
+        description="Static files of the web node page, served at /; unset = the webnode/ folder shipped with Synapse.",
     )
 
     @property

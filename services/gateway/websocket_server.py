@@ -43,16 +43,12 @@ def static_response(root: Path, request: Request) -> Response | None:
     target = (root / relative).resolve()
     if not target.is_relative_to(root.resolve()) or not target.is_file():
         return _response(http.HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
-    content_type = (
-        _TYPES.get(target.suffix) or mimetypes.guess_type(target.name)[0] or "application/octet-stream"
-    )
+    content_type = _TYPES.get(target.suffix) or mimetypes.guess_type(target.name)[0] or "application/octet-stream"
     return _response(http.HTTPStatus.OK, target.read_bytes(), content_type)
 
 
 def _response(status: http.HTTPStatus, body: bytes, content_type: str) -> Response:
-    headers = Headers(
-        {"Content-Type": content_type, "Content-Length": str(len(body)), "Cache-Control": "no-cache"}
-    )
+    headers = Headers({"Content-Type": content_type, "Content-Length": str(len(body)), "Cache-Control": "no-cache"})
     return Response(status.value, status.phrase, headers, body)
 
 
@@ -104,9 +100,7 @@ class NodeEndpoint:
         why = "connection closed"
         try:
             await websocket.send(
-                control.dump(
-                    control.Welcome(gateway_id=self.hub.gateway_id, heartbeat_s=self.settings.heartbeat_s)
-                )
+                control.dump(control.Welcome(gateway_id=self.hub.gateway_id, heartbeat_s=self.settings.heartbeat_s))
             )
             why = await self._serve(connection)
         except ConnectionClosed as error:

@@ -9,6 +9,7 @@ import logging
 import random
 import ssl
 import time
+from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -30,6 +31,14 @@ log = logging.getLogger(__name__)
 
 # Steps of at most this many token rows run on the event loop thread (see _in_compute_thread).
 INLINE_MAX_ROWS = 64
+
+
+@dataclass(frozen=True)
+class _Swap:
+    """A loaded stage waiting to replace the current one at its place in the step queue."""
+
+    worker: StageWorker
+    done: asyncio.Future[None]
 
 
 class NodeAgent:
@@ -98,7 +107,8 @@ class NodeAgent:
         self.connected.set()
         if self.worker is not None:  # a new session: request ids of the old one mean nothing now
             self.worker.release_all()
-        steps: asyncio.Queue[tuple[bytes, float]] = asyncio.Queue()
+        steps: asyncio.Queue[tuple[bytes | _Swap, float]] = asyncio.Queue()
+        self._steps = steps
         tasks = [
             asyncio.create_task(self._compute(websocket, steps)),
             asyncio.create_task(self._sweep_idle()),
@@ -110,7 +120,7 @@ class NodeAgent:
                 else:
                     await self._control(websocket, message)
         finally:
-            for task in tasks:
+            for task in [*tasks, *self._loads]:  # a load waits on this session's compute loop: end both
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
@@ -151,12 +161,17 @@ class NodeAgent:
                 stage = await asyncio.get_running_loop().run_in_executor(
                     self.executor, self._build_stage, manifest, folder
                 )
-                self.worker = StageWorker(
+                worker = StageWorker(
                     stage,
                     top_k=assign.top_k,
                     activation_dtype=assign.activation_dtype,
                     max_batch=self.settings.max_batch,
                 )
+                # Swap in the compute loop's order: steps received before this assignment still run
+                # on the layers they were routed to (the gateway sends none for the new range until ready).
+                swapped: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._steps.put_nowait((_Swap(worker, swapped), time.perf_counter()))
+                await swapped
                 self.loaded_sha256 = assign.sha256
             await websocket.send(
                 control.dump(control.Ready(kind="ready", shard_id=assign.shard_id, layers=assign.layers))
@@ -178,19 +193,35 @@ class NodeAgent:
             device=self.device,
         )
 
-    async def _compute(self, websocket: ClientConnection, steps: asyncio.Queue[tuple[bytes, float]]) -> None:
-        """Take every step waiting, run them as one batch, answer each in arrival order."""
+    async def _compute(self, websocket: ClientConnection, steps: asyncio.Queue[tuple[bytes | _Swap, float]]) -> None:
+        """Take every step waiting, run them as one batch, answer each in arrival order; apply shard swaps
+        exactly where they fall in that order."""
         while True:
-            batch = [await steps.get()]
-            while not steps.empty() and len(batch) < self.settings.max_batch:
-                batch.append(steps.get_nowait())
-            try:
-                replies = await self._in_compute_thread(self._run_batch, batch)
-            except SynapseError:
-                # One bad step must not fail the others: run them one by one, answering each.
-                replies = [await self._in_compute_thread(self._run_alone, [step]) for step in batch]
-            for reply in replies:
-                await websocket.send(reply)
+            batch: list[tuple[bytes, float]] = []
+            swap: _Swap | None = None
+            item, arrived = await steps.get()
+            while True:
+                if isinstance(item, _Swap):
+                    swap = item
+                    break
+                batch.append((item, arrived))
+                if steps.empty() or len(batch) >= self.settings.max_batch:
+                    break
+                item, arrived = steps.get_nowait()
+            if batch:
+                await self._answer(websocket, batch)
+            if swap is not None:
+                self.worker = swap.worker
+                swap.done.set_result(None)
+
+    async def _answer(self, websocket: ClientConnection, batch: list[tuple[bytes, float]]) -> None:
+        try:
+            replies = await self._in_compute_thread(self._run_batch, batch)
+        except SynapseError:
+            # One bad step must not fail the others: run them one by one, answering each.
+            replies = [await self._in_compute_thread(self._run_alone, [step]) for step in batch]
+        for reply in replies:
+            await websocket.send(reply)
 
     async def _in_compute_thread(self, function, batch: list[tuple[bytes, float]]):  # noqa: ANN001, ANN202
         """Small steps (decode) run right here: two thread hand-offs cost more than they save. Big ones

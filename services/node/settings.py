@@ -16,9 +16,7 @@ class NodeSettings(ServiceSettings):
 
     gateway_url: str = Field("ws://127.0.0.1:8765/ws", description="Gateway WebSocket URL (wss:// with TLS).")
     node_id: str | None = Field(None, description="Stable id of this node; default host-pid.")
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="Where to compute; auto = cuda if present."
-    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to compute; auto = cuda if present.")
     compute_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="Weights and activations on the device; auto = float32 on CPU, float16 on CUDA."
     )
@@ -29,15 +27,9 @@ class NodeSettings(ServiceSettings):
     cache_dir: Path = Field(
         Path.home() / ".cache" / "synapse" / "shards", description="Downloaded shards, keyed by sha256."
     )
-    threads: int | None = Field(
-        None, gt=0, description="torch intra-op threads on CPU; default torch's choice."
-    )
-    idle_timeout_s: float = Field(
-        300.0, gt=0, description="Free a request's KV cache after this long without a step."
-    )
+    threads: int | None = Field(None, gt=0, description="torch intra-op threads on CPU; default torch's choice.")
+    idle_timeout_s: float = Field(300.0, gt=0, description="Free a request's KV cache after this long without a step.")
     max_batch: int = Field(64, gt=0, description="Most requests computed in one forward pass.")
-    reconnect_min_s: float = Field(
-        0.5, gt=0, description="First reconnect delay; doubles up to reconnect_max_s."
-    )
+    reconnect_min_s: float = Field(0.5, gt=0, description="First reconnect delay; doubles up to reconnect_max_s.")
     reconnect_max_s: float = Field(15.0, gt=0, description="Longest reconnect delay.")
     tls_ca: Path | None = Field(None, description="CA/self-signed certificate to trust for wss:// gateways.")

@@ -37,9 +37,7 @@ class ShardStore:
             manifest_text = await self._get_text(session, manifest_url)
             manifest = ShardManifest.from_json(manifest_text, source=manifest_url)
             if manifest.sha256 != sha256:
-                raise DataLoss(
-                    f"manifest at {manifest_url} names sha256 {manifest.sha256}, assignment says {sha256}"
-                )
+                raise DataLoss(f"manifest at {manifest_url} names sha256 {manifest.sha256}, assignment says {sha256}")
             target = folder / manifest.file
             if target.exists() and target.stat().st_size == manifest.byte_size:
                 log.info("shard_cached", extra={"shard": manifest.shard_id, "path": str(target)})

@@ -87,8 +87,7 @@ class StageWorker:
             return ids.to(self.device)
         if frame.msg_type is not syn1.MessageType.ACTIVATION:
             raise InvalidArgument(
-                f"stage [{self.stage.start}, {self.stage.end}) takes ACTIVATION frames, "
-                f"got {frame.msg_type.name}"
+                f"stage [{self.stage.start}, {self.stage.end}) takes ACTIVATION frames, got {frame.msg_type.name}"
             )
         return torch.from_numpy(np.ascontiguousarray(frame.to_float32())).to(self.device, self.dtype)
 
@@ -114,6 +113,4 @@ class StageWorker:
         if self.top_k == 0:
             return syn1.Frame.logits(frame.request_id, position, logits.float().cpu().numpy())
         values, ids = top_k(logits.float(), min(self.top_k, logits.shape[-1]))
-        return syn1.Frame.output(
-            frame.request_id, position, values.cpu().numpy(), ids.to(torch.int32).cpu().numpy()
-        )
+        return syn1.Frame.output(frame.request_id, position, values.cpu().numpy(), ids.to(torch.int32).cpu().numpy())

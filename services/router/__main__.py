@@ -20,10 +20,9 @@ async def start_router(settings: RouterSettings) -> tuple[GrpcServer, Cluster, E
     cluster = Cluster(settings)
     await cluster.start()
     engine = Engine(settings, cluster)
+    cluster.on_pipelines_changed = engine.pipelines_changed
     name = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
-    server = GrpcServer(
-        "router", [name], host=settings.host, port=settings.port, grace_s=settings.shutdown_grace_s
-    )
+    server = GrpcServer("router", [name], host=settings.host, port=settings.port, grace_s=settings.shutdown_grace_s)
     router_pb2_grpc.add_RouterServiceServicer_to_server(
         RouterServicer(settings, cluster, engine, tokenizer), server.server
     )

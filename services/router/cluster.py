@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 import grpc
 
@@ -71,11 +72,10 @@ class Cluster:
         self._tasks: list[asyncio.Task[None]] = []
         self._membership_changed = asyncio.Event()
         self._planned_members: frozenset[str] = frozenset()
+        self.on_pipelines_changed: Callable[[list[Pipeline]], None] = lambda pipelines: None
 
     async def start(self) -> None:
-        models = await self._sharder.ListModels(
-            sharder_pb2.ListModelsRequest(), timeout=self.settings.call_timeout_s
-        )
+        models = await self._sharder.ListModels(sharder_pb2.ListModelsRequest(), timeout=self.settings.call_timeout_s)
         chosen = [m for m in models.models if not self.settings.model or m.model_id == self.settings.model]
         if not chosen:
             raise Unavailable(
@@ -131,10 +131,16 @@ class Cluster:
 
     async def _rebuild(self) -> None:
         assert self.config is not None
-        self.pipelines = build_pipelines(list(self.nodes.values()), self.config.n_layer)
-        metrics.PIPELINES.set(len(self.pipelines))
+        self._set_pipelines(build_pipelines(list(self.nodes.values()), self.config.n_layer))
         async with self.changed:
             self.changed.notify_all()
+
+    def _set_pipelines(self, pipelines: list[Pipeline]) -> None:
+        changed = [p.key for p in pipelines] != [p.key for p in self.pipelines]
+        self.pipelines = pipelines
+        metrics.PIPELINES.set(len(pipelines))
+        if changed:
+            self.on_pipelines_changed(pipelines)
 
     async def _replan_loop(self) -> None:
         """Re-plan once membership has settled: a burst of joins/leaves costs one plan, not one each."""
@@ -161,8 +167,7 @@ class Cluster:
         request = sharder_pb2.PlanRequest(
             model_id=self.model_id,
             nodes=[
-                common_pb2.NodeCapacity(node_id=n.node_id, memory_bytes=n.memory_bytes, speed=n.speed)
-                for n in live
+                common_pb2.NodeCapacity(node_id=n.node_id, memory_bytes=n.memory_bytes, speed=n.speed) for n in live
             ],
         )
         plan = await self._sharder.Plan(request, timeout=self.settings.call_timeout_s * 6)
@@ -214,5 +219,5 @@ class Cluster:
         node = self.nodes.get(node_id)
         if node is not None and node.state == "ready":
             self.nodes[node_id] = NodeView(**{**node.__dict__, "state": "gone"})
-            self.pipelines = build_pipelines(list(self.nodes.values()), self.n_layer)
+            self._set_pipelines(build_pipelines(list(self.nodes.values()), self.n_layer))
             self._membership_changed.set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import math
@@ -29,24 +30,30 @@ class Engine:
         self.cluster = cluster
         self.gateways = PeerGateways()
         self.schedulers: dict[tuple[str, ...], Scheduler] = {}
-        self._wire_ids = itertools.count(1)
+        self._wire_ids = itertools.count(0)
         self._step_ids = itertools.count(1)
 
     def next_wire_id(self) -> int:
-        return next(self._wire_ids) % 0xFFFF_FFFF or next(self._wire_ids)
+        """SYN1 request ids are u32: wrap around, never 0."""
+        return next(self._wire_ids) % 0xFFFF_FFFF + 1
 
-    async def submit(self, generation: Generation) -> None:
-        """Put the request on the least loaded pipeline (waiting for one if none is complete)."""
-        pipelines = await self.cluster.wait_for_pipeline(self.settings.pipeline_wait_s)
+    def next_step_id(self) -> int:
+        return next(self._step_ids)
+
+    def pipelines_changed(self, pipelines: list[Pipeline]) -> None:
+        """Retire schedulers whose pipeline broke or was re-planned; their requests replay elsewhere."""
         live = {pipeline.key for pipeline in pipelines}
         for key in [key for key in self.schedulers if key not in live]:
             self.schedulers.pop(key).retire()
+
+    async def submit(self, generation: Generation, wait_s: float | None = None) -> None:
+        """Put the request on the least loaded pipeline (waiting for one if none is complete)."""
+        pipelines = await self.cluster.wait_for_pipeline(self.settings.pipeline_wait_s if wait_s is None else wait_s)
+        self.pipelines_changed(pipelines)
         for pipeline in pipelines:
             if pipeline.key not in self.schedulers:
                 self.schedulers[pipeline.key] = Scheduler(self, pipeline)
-        scheduler = min(
-            (self.schedulers[p.key] for p in pipelines), key=lambda s: (len(s.requests), s.pipeline.key)
-        )
+        scheduler = min((self.schedulers[p.key] for p in pipelines), key=lambda s: (len(s.requests), s.pipeline.key))
         scheduler.add(generation)
 
     async def cancel(self, generation: Generation) -> None:
@@ -114,6 +121,7 @@ class Scheduler:
         if not task.cancelled() and task.exception() is not None:
             log.error("step_crashed", exc_info=task.exception())
 
+    @functools.cached_property
     def _route(self) -> list[gateway_pb2.Stage]:
         return [
             gateway_pb2.Stage(
@@ -133,19 +141,18 @@ class Scheduler:
         batch = [g for g in batch if g not in expired]
         if not batch:
             return
-        request = gateway_pb2.StepRequest(step_id=next(self.engine._step_ids), route=self._route())
+        request = gateway_pb2.StepRequest(step_id=self.engine.next_step_id(), route=self._route)
         for generation in batch:
             request.items.items.add(
                 request_id=generation.wire_id, position=generation.position, token_ids=generation.pending
             )
         started = time.perf_counter()
         try:
-            response = await self.engine.gateways.get(self._entry).step(
-                request, self.engine.settings.step_timeout_s
-            )
+            response = await self.engine.gateways.get(self._entry).step(request, self.engine.settings.step_timeout_s)
         except Unavailable as error:
             response = gateway_pb2.StepResponse(error=gateway_pb2.StepError(message=str(error)))
         wall_s = time.perf_counter() - started
+        batch = [g for g in batch if g in self.requests]  # the rest moved to another pipeline meanwhile
         for generation in batch:
             generation.in_flight = False
         if response.HasField("error") and response.error.message:
@@ -160,9 +167,7 @@ class Scheduler:
         for generation in batch:
             frame = outputs.get(generation.wire_id)
             if frame is None:
-                await self._fail(
-                    generation, Unavailable("the last stage returned no output for this request")
-                )
+                await self._fail(generation, Unavailable("the last stage returned no output for this request"))
                 continue
             if generation.position == 0 and not generation.generated:
                 metrics.TOKENS.labels("prompt").inc(len(generation.pending))
@@ -180,10 +185,8 @@ class Scheduler:
         generation.events.put_nowait(event)
 
     async def _step_failed(self, batch: list[Generation], error: gateway_pb2.StepError) -> None:
-        log.warning(
-            "step_failed", extra={"node": error.node_id, "error": error.message, "requests": len(batch)}
-        )
-        if error.node_id:
+        log.warning("step_failed", extra={"node": error.node_id, "error": error.message, "requests": len(batch)})
+        if error.node_id and error.node_gone:
             self.engine.cluster.mark_suspect(error.node_id)
         for generation in batch:
             if generation in self.requests:
@@ -196,7 +199,7 @@ class Scheduler:
         metrics.FAILOVERS.inc()
         log.info("request_failover", extra={"request_id": generation.request_id, "why": why})
         try:
-            await self.engine.submit(generation)
+            await self.engine.submit(generation, self.engine.settings.failover_wait_s)
         except Unavailable as error:
             await self._fail(generation, error)
 

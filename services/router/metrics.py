@@ -35,8 +35,6 @@ ACTIVE = Gauge("synapse_router_active_requests", "Generate requests in flight.")
 BATCH_SIZE = Histogram(
     "synapse_router_step_batch_size", "Requests per pipeline step.", buckets=(1, 2, 4, 8, 16, 32, 64, 128)
 )
-FAILOVERS = Counter(
-    "synapse_router_failovers_total", "Requests replayed onto another pipeline after a node failed."
-)
+FAILOVERS = Counter("synapse_router_failovers_total", "Requests replayed onto another pipeline after a node failed.")
 REPLANS = Counter("synapse_router_replans_total", "Plans asked of the sharder.")
 PIPELINES = Gauge("synapse_router_pipelines", "Complete pipelines available.")

@@ -64,6 +64,7 @@ class Generation:
         self.position = 0
         self.pending = self.prompt_ids + self.generated
         self.failovers += 1
+        self.in_flight = False  # a step still running on the old pipeline is ignored when it returns
 
     def accept(self, candidates: Candidates, compute_ms: float) -> TokenEvent:
         """The last stage's output for the newest position -> the next token, its text, maybe the finish."""

@@ -54,9 +54,7 @@ def node_status_pb(node: NodeView) -> router_pb2.NodeStatus:
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
-    def __init__(
-        self, settings: RouterSettings, cluster: Cluster, engine: Engine, tokenizer: Tokenizer
-    ) -> None:
+    def __init__(self, settings: RouterSettings, cluster: Cluster, engine: Engine, tokenizer: Tokenizer) -> None:
         self.settings, self.cluster, self.engine, self.tokenizer = settings, cluster, engine, tokenizer
         self._tokenizer_service = tokenizer_pb2_grpc.TokenizerServiceStub(channel(settings.tokenizer_address))
 
@@ -91,14 +89,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     ) -> Generation:
         max_tokens = request.max_tokens or self.settings.default_max_tokens
         if max_tokens > self.settings.max_tokens_limit:
-            raise InvalidArgument(
-                f"max_tokens {max_tokens} is above the limit {self.settings.max_tokens_limit}"
-            )
+            raise InvalidArgument(f"max_tokens {max_tokens} is above the limit {self.settings.max_tokens_limit}")
         stops = list(request.stop)
         if len(stops) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
-            raise InvalidArgument(
-                f"stop: at most {MAX_STOP_STRINGS} non-empty strings of <= {MAX_STOP_CHARS} chars"
-            )
+            raise InvalidArgument(f"stop: at most {MAX_STOP_STRINGS} non-empty strings of <= {MAX_STOP_CHARS} chars")
         prompt_ids = await self._prompt_ids(request)
         config = self.cluster.config
         assert config is not None
@@ -142,9 +136,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             request_id=generation.request_id,
             text=event.text,
             logprob=event.logprob,
-            top_logprobs=[
-                common_pb2.TokenLogprob(token_id=t.token_id, logprob=t.logprob) for t in event.top_logprobs
-            ],
+            top_logprobs=[common_pb2.TokenLogprob(token_id=t.token_id, logprob=t.logprob) for t in event.top_logprobs],
             timing=router_pb2.TokenTiming(
                 step_ms=event.step_ms,
                 compute_ms=event.compute_ms,
@@ -159,9 +151,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 router_pb2.Usage(
                     prompt_tokens=len(generation.prompt_ids),
                     completion_tokens=len(generation.generated),
-                    time_to_first_token_ms=(
-                        (generation.first_token_at or generation.started) - generation.started
-                    )
+                    time_to_first_token_ms=((generation.first_token_at or generation.started) - generation.started)
                     * 1e3,
                     total_ms=(time.perf_counter() - generation.started) * 1e3,
                     failovers=generation.failovers,

@@ -36,6 +36,9 @@ class RouterSettings(ServiceSettings):
     pipeline_wait_s: float = Field(
         10.0, ge=0, description="How long a request waits for a complete pipeline before UNAVAILABLE."
     )
+    failover_wait_s: float = Field(
+        120.0, ge=0, description="How long a request whose node failed waits for a new pipeline (re-plan, shard load)."
+    )
     replan_settle_s: float = Field(
         1.0, ge=0, description="Membership must be unchanged this long before a re-plan (no storms on churn)."
     )

@@ -27,8 +27,9 @@ class Pipeline:
     stages: tuple[NodeView, ...]
 
     @property
-    def key(self) -> tuple[str, ...]:
-        return tuple(stage.node_id for stage in self.stages)
+    def key(self) -> tuple[tuple[str, tuple[int, int] | None], ...]:
+        """Nodes and their layers: a re-plan that moves layers makes a new pipeline."""
+        return tuple((stage.node_id, stage.layers) for stage in self.stages)
 
     @property
     def node_ids(self) -> list[str]:

@@ -36,6 +36,40 @@ def test_node_killed_mid_generation_stream_finishes_identically(make_stack, refe
     assert received[-1].finish_reason == router_pb2.FINISH_REASON_LENGTH
 
 
+def test_node_joining_under_traffic_replans_and_every_stream_stays_identical(make_stack, reference) -> None:
+    """A third node joins while requests run: the re-plan moves layers under them; they replay, unchanged."""
+    stack = make_stack(2)
+    wait_for_pipeline(stack, 2)
+    max_tokens = 40
+    expected = greedy_reference(reference, PROMPT, max_tokens)
+    finished: list[router_pb2.GenerateResponse] = []
+    streams: list[list[int]] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        with grpc.insecure_channel(stack.router_address) as channel:
+            stub = router_pb2_grpc.RouterServiceStub(channel)
+            request = router_pb2.GenerateRequest(
+                prompt_token_ids={"ids": PROMPT}, max_tokens=max_tokens, ignore_eos=True
+            )
+            while not stop.is_set():
+                responses = list(stub.Generate(request, timeout=180))
+                streams.append([r.token_id for r in responses if r.HasField("token_id")])
+                finished.append(responses[-1])
+
+    worker = threading.Thread(target=traffic)
+    worker.start()
+    try:
+        stack.add_node("node-late")
+        wait_for_pipeline(stack, 3)
+    finally:
+        stop.set()
+        worker.join(timeout=200)
+    assert not worker.is_alive() and len(finished) > 1
+    assert all(tokens == expected for tokens in streams)
+    assert sum(last.usage.failovers for last in finished) >= 1, "no request was in flight during the re-plan"
+
+
 def scrape(url: str) -> str:
     with urllib.request.urlopen(url, timeout=5) as response:
         return response.read().decode()
