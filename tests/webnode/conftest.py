@@ -1,0 +1,136 @@
+"""Browser fixtures for the web node tests: one headless Chromium per test module (Playwright, Debian's chromium),
+WebGPU on the CPU through SwiftShader, pages with their console and network logs kept for assertions.
+
+The kernel tests in this folder (wgpu-py) use none of this. Tests that use these fixtures run on the module's
+event loop: put `pytestmark = pytest.mark.asyncio(loop_scope="module")` in the module.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+import pytest_asyncio
+from playwright.async_api import Browser, BrowserContext, ConsoleMessage, Page, Request, async_playwright
+
+CHROMIUM = "/usr/bin/chromium"
+# --enable-unsafe-webgpu alone gives a SwiftShader (Vulkan on the CPU) adapter in headless Chromium; the
+# other WebGPU flags pin that choice, the rest keep the browser quiet, offline and unthrottled.
+CHROMIUM_ARGS = [
+    "--enable-unsafe-webgpu",
+    "--enable-features=Vulkan",
+    "--use-vulkan=swiftshader",
+    "--use-webgpu-adapter=swiftshader",
+    "--disable-vulkan-surface",
+    "--no-sandbox",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-background-timer-throttling",
+    "--disable-renderer-backgrounding",
+    "--disable-backgrounding-occluded-windows",
+]
+PROBE_URL = "http://localhost/__webgpu_probe__"  # answered by a route: a secure context without a server
+PROBE_SCRIPT = """async () => {
+  if (!navigator.gpu) return "navigator.gpu is missing";
+  const adapter = await navigator.gpu.requestAdapter();
+  return adapter ? "" : "navigator.gpu.requestAdapter() returned null";
+}"""
+
+
+@dataclass
+class NodePage:
+    """A page (in its own browser context) with what it logged and every URL it requested."""
+
+    page: Page
+    context: BrowserContext
+    console: list[str] = field(default_factory=list)
+    requests: list[str] = field(default_factory=list)
+
+    async def state(self) -> dict:
+        return await self.page.evaluate("JSON.parse(JSON.stringify(window.synapse ?? null))")
+
+    async def wait_for(self, condition: str, timeout_s: float = 60.0) -> dict:
+        """Wait until the JS expression `condition` over `s` (= window.synapse) is true; the state then."""
+        script = f"() => {{ const s = window.synapse; return Boolean(s && ({condition})); }}"
+        try:
+            await self.page.wait_for_function(script, timeout=timeout_s * 1000, polling=50)
+        except Exception as error:
+            state = json.dumps(await self.state(), indent=1)[:3000]
+            logs = "\n".join(self.console[-30:])
+            raise AssertionError(
+                f"page never satisfied {condition!r}: {error}\nstate: {state}\nconsole:\n{logs}"
+            ) from None
+        return await self.state()
+
+    def shard_requests(self) -> list[str]:
+        return [url for url in self.requests if url.split("?")[0].endswith(".safetensors")]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    """Headless Chromium with WebGPU; the module's tests skip (saying why) when it offers no adapter."""
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            reason = await _webgpu_missing(browser)
+            if reason:
+                print(f"skipping the browser tests: Chromium offers no WebGPU adapter here: {reason}")
+                pytest.skip(f"Chromium offers no WebGPU adapter: {reason}")
+            yield browser
+        finally:
+            await browser.close()
+
+
+async def _webgpu_missing(browser: Browser) -> str:
+    context = await browser.new_context()
+    try:
+        page = await context.new_page()
+        await page.route(PROBE_URL, lambda route: route.fulfill(body="<!doctype html>", content_type="text/html"))
+        await page.goto(PROBE_URL)
+        return await page.evaluate(PROBE_SCRIPT)
+    finally:
+        await context.close()
+
+
+OpenPage = Callable[..., Awaitable[NodePage]]
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def open_page(browser: Browser) -> AsyncIterator[OpenPage]:
+    """open_page(url, init_script=None): a new context and page at `url`; all closed after the test."""
+    pages: list[NodePage] = []
+
+    async def open_(url: str, init_script: str | None = None) -> NodePage:
+        context = await browser.new_context()
+        if init_script:
+            await context.add_init_script(init_script)
+        page = await context.new_page()
+        node_page = NodePage(page, context)
+        page.on("console", lambda message: node_page.console.append(_console_line(message)))
+        page.on("pageerror", lambda error: node_page.console.append(f"pageerror: {error}"))
+        page.on("request", lambda request: node_page.requests.append(_request_url(request)))
+        pages.append(node_page)
+        await page.goto(url)
+        return node_page
+
+    yield open_
+    for node_page in pages:
+        await node_page.context.close()
+
+
+def _console_line(message: ConsoleMessage) -> str:
+    return f"{message.type}: {message.text}"
+
+
+def _request_url(request: Request) -> str:
+    return request.url
+
+
+def page_url(ws_port: int, **query: object) -> str:
+    """The web node page as a gateway serves it, from http://localhost (a secure context)."""
+    text = "&".join(f"{key}={value}" for key, value in query.items())
+    return f"http://localhost:{ws_port}/" + (f"?{text}" if text else "")

@@ -1,0 +1,78 @@
+// Entry point: check WebGPU, load the kernels, probe memory, run the speed benchmark, then join the gateway.
+//
+// Query parameters (all optional): gateway=<ws(s) URL>, node_id=<id>, speed=<layer passes/s> (skips the
+// benchmark), memory_mib=<cap on the memory probe>, max_binding_mib=<smaller storage bindings, to test the
+// piecewise token table>, f16=off (ignore shader-f16).
+
+import { measureSpeed } from "./benchmark.js";
+import { gatewayUrl } from "./connection.js";
+import { openGpu, probeMemory, watchDevice, WebGpuUnavailable } from "./gpu.js";
+import { Kernels } from "./kernels.js";
+import { WebNode } from "./node.js";
+import * as ui from "./ui.js";
+
+const MIB = 1 << 20;
+const DEFAULT_PROBE_CAP_MIB = 2048;
+const query = new URLSearchParams(location.search);
+
+/** ?node_id=, else one id per tab kept in sessionStorage: stable across reloads, distinct between tabs. */
+function nodeId() {
+  const given = query.get("node_id");
+  if (given) return given;
+  let id = sessionStorage.getItem("synapse-node-id");
+  if (!id) {
+    const random = crypto.getRandomValues(new Uint8Array(4));
+    id = `web-${Array.from(random, (byte) => byte.toString(16).padStart(2, "0")).join("")}`;
+    sessionStorage.setItem("synapse-node-id", id);
+  }
+  return id;
+}
+
+function positiveNumber(name) {
+  const value = Number(query.get(name));
+  return query.has(name) && Number.isFinite(value) && value > 0 ? value : null;
+}
+
+async function boot() {
+  ui.init();
+  const url = gatewayUrl(location);
+  const id = nodeId();
+  ui.update({ gateway: url, nodeId: id });
+  let gpu;
+  try {
+    gpu = await openGpu({ forceF32: query.get("f16") === "off" });
+  } catch (error) {
+    if (!(error instanceof WebGpuUnavailable)) throw error;
+    ui.showError(`${error.message} This page does not join the gateway.`, "unsupported");
+    return;
+  }
+  Object.defineProperty(ui.status, "gpu", { value: gpu, enumerable: false }); // for diagnostics, not JSON
+  ui.update({ device: gpu.description, f16: gpu.f16, limits: gpu.limits });
+  let node = null;
+  let failed = false; // a GPU failure before the node exists: it never joins
+  watchDevice(gpu, (message) => {
+    failed = true;
+    if (node) node.fatal(message);
+    else ui.showError(message, "error");
+  });
+  const kernels = await Kernels.load(gpu.device, { f16: gpu.f16 });
+  const capMib = positiveNumber("memory_mib") ?? DEFAULT_PROBE_CAP_MIB;
+  const probe = await probeMemory(gpu.device, { capBytes: capMib * MIB, minBytes: Math.min(16, capMib) * MIB });
+  if (probe.totalBytes === 0) throw new Error("the GPU would not allocate even a 16 MiB buffer");
+  const limits = gpu.device.limits;
+  const maxBindingBytes = Math.min(
+    limits.maxStorageBufferBindingSize,
+    limits.maxBufferSize,
+    probe.largestBufferBytes,
+    (positiveNumber("max_binding_mib") ?? Infinity) * MIB,
+  );
+  ui.update({ memoryBytes: probe.totalBytes });
+  const sizes = { f16: gpu.f16, memoryBytes: probe.totalBytes, maxBindingBytes };
+  const speed = positiveNumber("speed") ?? (await measureSpeed(kernels, sizes));
+  ui.update({ speed });
+  if (failed) return;
+  node = new WebNode({ gpu, kernels, nodeId: id, url, memoryBytes: probe.totalBytes, speed, maxBindingBytes });
+  node.start();
+}
+
+boot().catch((error) => ui.showError(`start-up failed: ${error.message}`, "error"));
