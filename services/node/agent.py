@@ -178,9 +178,13 @@ class NodeAgent:
             )
             log.info("shard_loaded", extra={"shard": assign.shard_id, "layers": list(assign.layers)})
         except SynapseError as error:
+            # A node that cannot load its shard blocks the plan: leave cleanly so the router re-plans
+            # without it, and join again after the backoff (a transient fault then heals itself).
             log.error("shard_load_failed", extra={"shard": assign.shard_id, "error": str(error)})
             with contextlib.suppress(ConnectionClosed):
-                await websocket.send(control.dump(control.Error(kind="error", message=str(error))))
+                await websocket.send(control.dump(control.Error(kind="error", message=str(error), fatal=True)))
+                await websocket.send(control.dump(control.Bye(kind="bye", reason="shard load failed")))
+                await websocket.close(1000, "shard load failed")
 
     def _build_stage(self, manifest, folder) -> GPT2Stage:
         tensors = read_shard(manifest, folder)

@@ -173,22 +173,24 @@ async def corrupt_server(sharder: Sharder) -> AsyncIterator[str]:
 
 
 @pytest.mark.timeout(90)
-async def test_corrupt_download_is_reported_and_the_node_stays(
+async def test_corrupt_download_is_reported_the_node_leaves_cleanly_and_rejoins(
     gateway: RunningGateway, sharder: Sharder, corrupt_server: str, tmp_path: Path, logs
 ) -> None:
     cache_dir = tmp_path / "cache"
     assignment = await plan_one(sharder, "native-1")
-    async with running_agent(make_agent(gateway.ws_url, "native-1", cache_dir)) as agent, watching(gateway) as watch:
+    agent = make_agent(gateway.ws_url, "native-1", cache_dir, reconnect_min_s=0.05, reconnect_max_s=0.2)
+    async with running_agent(agent), watching(gateway) as watch:
         urls = dict(manifest_url=f"{corrupt_server}/manifest.json", shard_url=f"{corrupt_server}/shard.safetensors")
         await assign(gateway, assignment, "native-1", **urls)
         await eventually(lambda: bool(logs("node_error")), 30, "the node's error at the gateway")
         (error,) = logs("node_error")
         assert "sha256" in error.error and assignment.sha256 in error.error
         assert error.node == "native-1"
-        assert "native-1" in gateway.hub.connections and agent.connected.is_set()
-        assert watch.states("native-1")[-1] == "loading" and "ready" not in watch.states("native-1")
+        await watch.until("native-1", "gone", timeout_s=10)  # left, so the router re-plans without it
+        assert "ready" not in watch.states("native-1")
         assert not list(cache_dir.rglob("*.safetensors*")), "nothing corrupt may stay in the cache"
-        # The same node then loads the real shard.
+        # It joins again by itself, and then loads the real shard.
+        await eventually(lambda: watch.states("native-1")[-1] == "joined", 10, "the node joining again")
         await assign(gateway, assignment, "native-1")
         await watch.until("native-1", "ready", timeout_s=30)
 

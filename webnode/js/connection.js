@@ -145,6 +145,15 @@ export class GatewayConnection {
     socket?.close(code, message.slice(0, 120));
   }
 
+  /** Leave this connection cleanly (a fatal error, bye, close) and join again after the backoff. */
+  rejoin(reason, message) {
+    const socket = this.socket;
+    if (socket?.readyState !== WebSocket.OPEN) return;
+    socket.send(JSON.stringify({ kind: "error", message: message.slice(0, 4000), fatal: true }));
+    socket.send(JSON.stringify({ kind: "bye", reason: reason.slice(0, 200) }));
+    socket.close(1000, reason.slice(0, 120));
+  }
+
   /** Leave on purpose: an error first when there is one (fatal), then bye, then close; no reconnecting. */
   leave(reason, fatalMessage = null) {
     this.stopped = true;

@@ -121,9 +121,11 @@ export class WebNode {
     } catch (error) {
       if (!current()) return;
       this.loading = null;
+      // A node that cannot load its shard blocks the plan: leave cleanly (the router re-plans without
+      // it) and join again after the backoff; the error stays on the page.
       const message = `loading ${assign.shard_id} failed: ${error.message}`;
-      this.connection.send({ kind: "error", message: message.slice(0, 4000), fatal: false });
       ui.showError(message, "joined");
+      this.connection.rejoin("shard load failed", message);
     }
   }
 
