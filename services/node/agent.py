@@ -138,7 +138,9 @@ class NodeAgent:
             self._loads.add(task)
             task.add_done_callback(self._loads.discard)
         elif kind == "release" and self.worker is not None:
-            self.worker.release(list(message.get("request_ids", [])))
+            request_ids = [int(request_id) for request_id in message.get("request_ids", [])]
+            self.worker.release(request_ids)
+            log.debug("requests_released", extra={"request_ids": request_ids, "cached": self.worker.cached_requests})
         elif kind == "error":
             log.warning("gateway_error", extra={"error": message.get("message")})
 
