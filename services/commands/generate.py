@@ -10,9 +10,7 @@ HELP = "Generate text from a prompt through the router, streaming it to the term
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", help="text to continue")
-    parser.add_argument(
-        "--router", default="127.0.0.1:50050", help="router gRPC address (default %(default)s)"
-    )
+    parser.add_argument("--router", default="127.0.0.1:50050", help="router gRPC address (default %(default)s)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=int, default=0)

@@ -8,9 +8,7 @@ HELP = "Run a native node (PyTorch on CPU or CUDA) that joins a gateway and serv
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--gateway", help="gateway WebSocket URL, e.g. ws://host:8765/ws (or SYNAPSE_NODE_GATEWAY_URL)"
-    )
+    parser.add_argument("--gateway", help="gateway WebSocket URL, e.g. ws://host:8765/ws (or SYNAPSE_NODE_GATEWAY_URL)")
     parser.add_argument("--node-id", help="stable node id (default host-pid)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to compute")
     parser.add_argument("--memory", type=int, help="memory budget in bytes")
@@ -18,6 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import asyncio
+    import contextlib
 
     from services.node.__main__ import main
     from services.node.settings import NodeSettings
@@ -29,8 +28,6 @@ def run(args: argparse.Namespace) -> int:
         "memory_bytes": args.memory,
     }
     settings = NodeSettings(**{key: value for key, value in overrides.items() if value is not None})
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main(settings))
-    except KeyboardInterrupt:
-        pass
     return 0

@@ -14,9 +14,7 @@ HELP = "Start tokenizer, sampler, sharder, gateway, router and native nodes loca
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="gpt2", help="checkpoint folder or hub name (default %(default)s)")
     parser.add_argument("--nodes", type=int, default=2, help="native nodes to start (default %(default)s)")
-    parser.add_argument(
-        "--workdir", type=Path, default=Path("var/up"), help="logs and shards (default %(default)s)"
-    )
+    parser.add_argument("--workdir", type=Path, default=Path("var/up"), help="logs and shards (default %(default)s)")
     parser.add_argument("--prompt", default="The quick brown fox", help="demo prompt")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--once", action="store_true", help="exit after the demo instead of serving on")
@@ -30,9 +28,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"starting {args.nodes} node(s) and every service; logs in {args.workdir / 'logs'}", flush=True)
     with stack, SynapseClient(stack.router_address) as client:
         topology = _wait_for_pipeline(client, args.nodes)
-        stages = ", ".join(
-            f"{s.node_id}[{s.layers.start},{s.layers.end})" for s in topology.pipelines[0].stages
-        )
+        stages = ", ".join(f"{s.node_id}[{s.layers.start},{s.layers.end})" for s in topology.pipelines[0].stages)
         print(f"model {topology.model_id}: pipeline {stages}", flush=True)
         if topology.model_id.endswith("-random-weights"):
             print(

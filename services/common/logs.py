@@ -49,9 +49,7 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created)) + f".{int(record.msecs):03d}"
         pairs = " ".join(f"{key}={value}" for key, value in _fields(record).items())
-        line = f"{stamp} {record.levelname[0]} {self.service} {record.getMessage()}" + (
-            f" {pairs}" if pairs else ""
-        )
+        line = f"{stamp} {record.levelname[0]} {self.service} {record.getMessage()}" + (f" {pairs}" if pairs else "")
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line

@@ -137,18 +137,14 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 class GrpcServer:
     """A grpc.aio server with health + reflection, started on host:port (0 = any free port)."""
 
-    def __init__(
-        self, service: str, service_names: Iterable[str], *, host: str, port: int, grace_s: float
-    ) -> None:
+    def __init__(self, service: str, service_names: Iterable[str], *, host: str, port: int, grace_s: float) -> None:
         self.service = service
         self.grace_s = grace_s
         self.server = grpc.aio.server(interceptors=[ServiceInterceptor(service)], options=CHANNEL_OPTIONS)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.names = list(service_names)
-        reflection.enable_server_reflection(
-            [*self.names, reflection.SERVICE_NAME, health.SERVICE_NAME], self.server
-        )
+        reflection.enable_server_reflection([*self.names, reflection.SERVICE_NAME, health.SERVICE_NAME], self.server)
         self.port = self.server.add_insecure_port(f"{host}:{port}")
         self.address = f"{host}:{self.port}"
         self._stopped = asyncio.Event()

@@ -21,9 +21,7 @@ class ServiceSettings(BaseSettings):
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="Prometheus /metrics port; unset = no metrics endpoint, 0 = any."
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
-        "INFO", description="Lowest level logged."
-    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Lowest level logged.")
     log_format: Literal["auto", "json", "text"] = Field(
         "auto", description="json for containers, text for terminals; auto picks by whether stderr is a TTY."
     )
@@ -63,7 +61,7 @@ def _default_text(value: object) -> str:
     if isinstance(value, Path):
         home = str(Path.home())
         text = str(value)
-        return f"`{'~' + text[len(home):] if text.startswith(home) else text}`"
+        return f"`{'~' + text[len(home) :] if text.startswith(home) else text}`"
     if isinstance(value, list):
         return "`" + json.dumps(value) + "`"
     return f"`{value}`"

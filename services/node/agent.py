@@ -9,8 +9,8 @@ import logging
 import random
 import ssl
 import time
-from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -229,7 +229,7 @@ class NodeAgent:
         for reply in replies:
             await websocket.send(reply)
 
-    async def _in_compute_thread(self, function, batch: list[tuple[bytes, float]]):  # noqa: ANN001, ANN202
+    async def _in_compute_thread(self, function, batch: list[tuple[bytes, float]]):
         """Small steps (decode) run right here: two thread hand-offs cost more than they save. Big ones
         (prefill) go to the compute thread so WebSocket pings are still answered while they run."""
         try:

@@ -29,6 +29,7 @@ class Engine:
         self.settings = settings
         self.cluster = cluster
         self.gateways = PeerGateways()
+        self.background: set[asyncio.Task[None]] = set()
         self.schedulers: dict[tuple[str, ...], Scheduler] = {}
         self._wire_ids = itertools.count(0)
         self._step_ids = itertools.count(1)
@@ -86,7 +87,9 @@ class Scheduler:
         self._task.cancel()
         for generation in list(self.requests):
             self.requests.remove(generation)
-            asyncio.create_task(self._failover(generation, "pipeline retired"))
+            task = asyncio.create_task(self._failover(generation, "pipeline retired"))
+            self.engine.background.add(task)  # the loop keeps only weak references to tasks
+            task.add_done_callback(self.engine.background.discard)
 
     async def finish(self, generation: Generation) -> None:
         if generation in self.requests:

@@ -82,10 +82,9 @@ class Generation:
             event.text = self._release_text(self.decoder.flush(), final=True)
         else:
             event.text = self._release_text(self.decoder.push(token), final=False)
-        if event.finish_reason is None and self.finish_reason is None:
-            if len(self.generated) >= self.max_tokens:
-                event.finish_reason = FINISH_LENGTH
-                event.text += self._release_text(self.decoder.flush(), final=True)
+        if event.finish_reason is None and self.finish_reason is None and len(self.generated) >= self.max_tokens:
+            event.finish_reason = FINISH_LENGTH
+            event.text += self._release_text(self.decoder.flush(), final=True)
         if self.finish_reason is not None:  # a stop string matched inside _release_text
             event.finish_reason = self.finish_reason
         self.finish_reason = event.finish_reason

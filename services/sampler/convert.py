@@ -70,9 +70,7 @@ def logits_from_pb(request: sampler_pb2.SampleRequest, max_vocab: int) -> Logits
         return full_logits_from_pb(request.full, max_vocab)
     if kind == "candidates":
         return candidates_from_pb(request.candidates, max_vocab)
-    raise InvalidArgument(
-        "logits must be set: `full` (float32 tensor of shape (vocab_size,)) or `candidates`"
-    )
+    raise InvalidArgument("logits must be set: `full` (float32 tensor of shape (vocab_size,)) or `candidates`")
 
 
 def logits_size(request: sampler_pb2.SampleRequest) -> int:
@@ -86,9 +84,7 @@ def result_to_pb(result: SampleResult) -> sampler_pb2.SampleResponse:
     return sampler_pb2.SampleResponse(
         token_id=result.token_id,
         logprob=result.logprob,
-        top_logprobs=[
-            common_pb2.TokenLogprob(token_id=t.token_id, logprob=t.logprob) for t in result.top_logprobs
-        ],
+        top_logprobs=[common_pb2.TokenLogprob(token_id=t.token_id, logprob=t.logprob) for t in result.top_logprobs],
     )
 
 

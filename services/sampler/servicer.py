@@ -31,9 +31,7 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServiceServicer):
     def sample(self, request: sampler_pb2.SampleRequest) -> sampler_pb2.SampleResponse:
         logits = logits_from_pb(request, self.max_vocab)
         params = params_from_pb(request.params)
-        result = sample_step(
-            logits, params, request.step, request.prompt_token_ids, request.generated_token_ids
-        )
+        result = sample_step(logits, params, request.step, request.prompt_token_ids, request.generated_token_ids)
         SAMPLES.labels(request.WhichOneof("logits"), "greedy" if params.greedy else "sampled").inc()
         return result_to_pb(result)
 

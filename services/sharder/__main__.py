@@ -22,9 +22,7 @@ async def start_sharder(settings: SharderSettings) -> tuple[GrpcServer, web.AppR
     runner, http_port = await start_http(make_app(catalog), settings.http_host, settings.http_port)
     public_url = settings.public_url or f"http://{settings.http_host}:{http_port}"
     name = sharder_pb2.DESCRIPTOR.services_by_name["ShardService"].full_name
-    server = GrpcServer(
-        "sharder", [name], host=settings.host, port=settings.port, grace_s=settings.shutdown_grace_s
-    )
+    server = GrpcServer("sharder", [name], host=settings.host, port=settings.port, grace_s=settings.shutdown_grace_s)
     sharder_pb2_grpc.add_ShardServiceServicer_to_server(ShardServicer(catalog, public_url), server.server)
     await server.start()
     return server, runner, catalog

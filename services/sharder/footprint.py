@@ -20,9 +20,7 @@ def dtype_bytes(dtype: str) -> int:
     try:
         return DTYPE_BYTES[dtype]
     except KeyError:
-        raise InvalidArgument(
-            f"unsupported shard dtype {dtype!r}; use one of {sorted(DTYPE_BYTES)}"
-        ) from None
+        raise InvalidArgument(f"unsupported shard dtype {dtype!r}; use one of {sorted(DTYPE_BYTES)}") from None
 
 
 @dataclass(frozen=True)

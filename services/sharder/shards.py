@@ -132,9 +132,7 @@ class ShardManifest:
     def _check(self, source: str) -> None:
         """Every field agrees with the others: range, id, file name, size, hash, tensor list."""
         if not 0 <= self.layer_start < self.layer_end <= self.n_layer:
-            raise DataLoss(
-                f"{source}: layer range [{self.layer_start}, {self.layer_end}) is not in the model"
-            )
+            raise DataLoss(f"{source}: layer range [{self.layer_start}, {self.layer_end}) is not in the model")
         if self.dtype not in SHARD_DTYPES:
             raise DataLoss(f"{source}: dtype {self.dtype!r} is not one of {sorted(SHARD_DTYPES)}")
         expected_id = shard_id(self.model_id, self.layer_start, self.layer_end, self.dtype)
@@ -242,8 +240,7 @@ def write_shards(
         total=total, unit="B", unit_scale=True, desc=f"sharding {checkpoint.model_id}", disable=not progress
     ) as bar:
         manifests = [
-            _write_shard(checkpoint, start, end, Path(out_dir), dtype, progress=bar.update)
-            for start, end in ranges
+            _write_shard(checkpoint, start, end, Path(out_dir), dtype, progress=bar.update) for start, end in ranges
         ]
     _update_index(Path(out_dir), checkpoint.model_id, checkpoint.config)
     return manifests
@@ -303,9 +300,7 @@ def _write_shard(
         tensor = checkpoint.tensors.get(name)
         if tensor is None or tuple(tensor.shape) != shapes[name]:
             found = "missing" if tensor is None else f"shape {list(tensor.shape)}"
-            raise InvalidArgument(
-                f"checkpoint tensor {name!r} is {found}; expected shape {list(shapes[name])}"
-            )
+            raise InvalidArgument(f"checkpoint tensor {name!r} is {found}; expected shape {list(shapes[name])}")
     identity = shard_id(checkpoint.model_id, start, end, dtype)
     header = _safetensors_header(names, shapes, dtype, identity)
     digest = hashlib.sha256(header)
@@ -344,9 +339,7 @@ def _write_shard(
     return manifest
 
 
-def _safetensors_header(
-    names: list[str], shapes: Mapping[str, tuple[int, ...]], dtype: str, identity: str
-) -> bytes:
+def _safetensors_header(names: list[str], shapes: Mapping[str, tuple[int, ...]], dtype: str, identity: str) -> bytes:
     """8-byte little-endian length + JSON header, padded with spaces so the data starts 8-aligned."""
     code, torch_dtype = SHARD_DTYPES[dtype]
     itemsize = torch_dtype.itemsize
@@ -488,9 +481,7 @@ def _parse_safetensors(buffer: bytearray, path: Path) -> dict[str, torch.Tensor]
         if not valid or end - begin != count * itemsize or data_start + end > len(buffer):
             raise DataLoss(f"{path}: header entry for {name!r} is malformed or out of bounds")
         spans.append((begin, end))
-        tensor = (
-            torch.frombuffer(buffer, dtype=dtype, count=count, offset=data_start + begin) if count else None
-        )
+        tensor = torch.frombuffer(buffer, dtype=dtype, count=count, offset=data_start + begin) if count else None
         if tensor is not None and (data_start + begin) % itemsize:
             tensor = tensor.clone()  # misaligned (not written by Synapse): copy into aligned memory
         tensors[name] = torch.empty(shape, dtype=dtype) if tensor is None else tensor.view(shape)

@@ -63,9 +63,7 @@ def main() -> int:
             file=sys.stderr,
         )
         return EXIT_NO_VOCABULARY
-    log.info(
-        "vocabulary_loaded", extra={"cache_dir": str(settings.vocab_cache_dir), "vocab": tokenizer.vocab_size}
-    )
+    log.info("vocabulary_loaded", extra={"cache_dir": str(settings.vocab_cache_dir), "vocab": tokenizer.vocab_size})
     asyncio.run(serve(settings, tokenizer))
     return 0
 

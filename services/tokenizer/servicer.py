@@ -57,9 +57,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         work = partial(self.tokenizer.encode_batch, texts, allow_special=request.allow_special)
         batch = await _run(work, sum(map(len, texts)), OFFLOAD_ABOVE_CHARS)
         TOKENS.labels("encode").inc(sum(map(len, batch)))
-        return tokenizer_pb2.EncodeBatchResponse(
-            results=[tokenizer_pb2.EncodeResponse(token_ids=ids) for ids in batch]
-        )
+        return tokenizer_pb2.EncodeBatchResponse(results=[tokenizer_pb2.EncodeResponse(token_ids=ids) for ids in batch])
 
     async def Decode(
         self, request: tokenizer_pb2.DecodeRequest, context: grpc.aio.ServicerContext
@@ -77,6 +75,4 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         count = sum(map(len, batch))
         texts = await _run(partial(self.tokenizer.decode_batch, batch), count, OFFLOAD_ABOVE_IDS)
         TOKENS.labels("decode").inc(count)
-        return tokenizer_pb2.DecodeBatchResponse(
-            results=[tokenizer_pb2.DecodeResponse(text=t) for t in texts]
-        )
+        return tokenizer_pb2.DecodeBatchResponse(results=[tokenizer_pb2.DecodeResponse(text=t) for t in texts])

@@ -31,9 +31,7 @@ class Tokenizer:
         max_tokens: int = DEFAULT_MAX_TOKENS,
     ) -> None:
         if max_input_chars < 1 or max_tokens < 1:
-            raise InvalidArgument(
-                f"max_input_chars and max_tokens must be >= 1, got {max_input_chars}, {max_tokens}"
-            )
+            raise InvalidArgument(f"max_input_chars and max_tokens must be >= 1, got {max_input_chars}, {max_tokens}")
         self._encoding = encoding
         self.max_input_chars = max_input_chars
         self.max_tokens = max_tokens
@@ -96,9 +94,7 @@ class Tokenizer:
         if not isinstance(text, str):
             raise InvalidArgument(f"{name} must be a str, got {type(text).__name__}")
         if len(text) > self.max_input_chars:
-            raise InvalidArgument(
-                f"{name} has {len(text)} characters; max_input_chars is {self.max_input_chars}"
-            )
+            raise InvalidArgument(f"{name} has {len(text)} characters; max_input_chars is {self.max_input_chars}")
 
     def _checked_id(self, token_id: int, name: str) -> int:
         try:

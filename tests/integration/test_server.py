@@ -20,8 +20,12 @@ from services.launcher import free_port
 
 @pytest.mark.parametrize(
     ("error", "code"),
-    [(InvalidArgument("x"), grpc.StatusCode.INVALID_ARGUMENT), (NotFound("x"), grpc.StatusCode.NOT_FOUND),
-     (Unavailable("x"), grpc.StatusCode.UNAVAILABLE), (DataLoss("x"), grpc.StatusCode.DATA_LOSS)],
+    [
+        (InvalidArgument("x"), grpc.StatusCode.INVALID_ARGUMENT),
+        (NotFound("x"), grpc.StatusCode.NOT_FOUND),
+        (Unavailable("x"), grpc.StatusCode.UNAVAILABLE),
+        (DataLoss("x"), grpc.StatusCode.DATA_LOSS),
+    ],
 )
 def test_domain_errors_map_to_their_status(error: Exception, code: grpc.StatusCode) -> None:
     assert status_of(error) == code
@@ -42,19 +46,25 @@ async def test_stop_turns_health_not_serving_before_closing() -> None:
 
 def test_sigterm_shuts_a_service_down_cleanly_with_request_ids_in_its_logs(tmp_path) -> None:
     port = free_port()
-    env = {**os.environ, "SYNAPSE_TOKENIZER_PORT": str(port), "SYNAPSE_TOKENIZER_LOG_FORMAT": "json",
-           "SYNAPSE_TOKENIZER_LOG_LEVEL": "DEBUG"}
+    env = {
+        **os.environ,
+        "SYNAPSE_TOKENIZER_PORT": str(port),
+        "SYNAPSE_TOKENIZER_LOG_FORMAT": "json",
+        "SYNAPSE_TOKENIZER_LOG_LEVEL": "DEBUG",
+    }
     log_path = tmp_path / "tokenizer.log"
     with log_path.open("wb") as log_file:
-        process = subprocess.Popen([sys.executable, "-m", "services.tokenizer"], env=env, stdout=log_file,
-                                   stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.tokenizer"], env=env, stdout=log_file, stderr=subprocess.STDOUT
+        )
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             grpc.channel_ready_future(channel).result(timeout=30)
             stub = tokenizer_pb2_grpc.TokenizerServiceStub(channel)
             with pytest.raises(grpc.RpcError) as caught:
-                stub.Decode(tokenizer_pb2.DecodeRequest(token_ids=[10**6]), metadata=(("x-request-id", "req-42"),),
-                            timeout=10)
+                stub.Decode(
+                    tokenizer_pb2.DecodeRequest(token_ids=[10**6]), metadata=(("x-request-id", "req-42"),), timeout=10
+                )
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 0

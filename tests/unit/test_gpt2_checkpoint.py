@@ -71,9 +71,7 @@ def test_rejects_an_lm_head_that_is_not_tied(tmp_path) -> None:
 def test_names_a_missing_tensor(tmp_path) -> None:
     folder = make_random_checkpoint(tmp_path)
     rewrite_weights(folder, lambda t: t.pop("transformer.h.1.mlp.c_fc.bias"))
-    with pytest.raises(
-        InvalidArgument, match=r"missing tensor 'h.1.mlp.c_fc.bias' \(expected shape \[128\]\)"
-    ):
+    with pytest.raises(InvalidArgument, match=r"missing tensor 'h.1.mlp.c_fc.bias' \(expected shape \[128\]\)"):
         load_checkpoint(folder)
 
 
@@ -82,9 +80,7 @@ def test_names_a_tensor_with_the_wrong_shape(tmp_path) -> None:
     rewrite_weights(
         folder, lambda t: t.update({"transformer.h.0.attn.c_attn.weight": torch.zeros(96, 32)})
     )  # the nn.Linear layout instead of Conv1D
-    with pytest.raises(
-        InvalidArgument, match=r"'h.0.attn.c_attn.weight' has shape \[96, 32\], expected \[32, 96\]"
-    ):
+    with pytest.raises(InvalidArgument, match=r"'h.0.attn.c_attn.weight' has shape \[96, 32\], expected \[32, 96\]"):
         load_checkpoint(folder)
 
 
@@ -165,9 +161,7 @@ def test_a_file_instead_of_a_folder_is_invalid(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("name", ["gpt2", "openai-community/gpt2-medium"])
-def test_hub_name_while_offline_is_unavailable_and_suggests_a_local_folder(
-    tmp_path, monkeypatch, name: str
-) -> None:
+def test_hub_name_while_offline_is_unavailable_and_suggests_a_local_folder(tmp_path, monkeypatch, name: str) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once at import
     with pytest.raises(

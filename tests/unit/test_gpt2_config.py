@@ -40,9 +40,7 @@ def test_from_dict_reads_a_config_written_by_transformers(tmp_path) -> None:
 
 
 def test_to_dict_round_trips_and_transformers_accepts_it() -> None:
-    config = GPT2Config(
-        n_layer=5, n_head=3, n_embd=48, vocab_size=97, n_positions=64, layer_norm_epsilon=1e-6
-    )
+    config = GPT2Config(n_layer=5, n_head=3, n_embd=48, vocab_size=97, n_positions=64, layer_norm_epsilon=1e-6)
     written = config.to_dict()
     assert written["model_type"] == "gpt2"
     assert written["n_ctx"] == 64

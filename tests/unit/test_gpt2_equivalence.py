@@ -38,11 +38,7 @@ def splits(n_layer: int) -> list[list[tuple[int, int]]]:
     """Every way to cut [0, n_layer) into contiguous non-empty stages."""
     if n_layer == 0:
         return [[]]
-    return [
-        [*rest, (n_layer - last, n_layer)]
-        for last in range(1, n_layer + 1)
-        for rest in splits(n_layer - last)
-    ]
+    return [[*rest, (n_layer - last, n_layer)] for last in range(1, n_layer + 1) for rest in splits(n_layer - last)]
 
 
 def build(reference: Reference, split: list[tuple[int, int]]) -> list[GPT2Stage]:
@@ -50,9 +46,7 @@ def build(reference: Reference, split: list[tuple[int, int]]) -> list[GPT2Stage]
     return [GPT2Stage.from_tensors(config, a, b, reference.checkpoint.tensors) for a, b in split]
 
 
-def run(
-    stages: list[GPT2Stage], caches: list[list[KVCache]], inputs: list[Tensor], **options
-) -> list[Tensor]:
+def run(stages: list[GPT2Stage], caches: list[list[KVCache]], inputs: list[Tensor], **options) -> list[Tensor]:
     """One step of the pipeline: caches[stage][request]."""
     for stage, stage_caches in zip(stages, caches, strict=True):
         inputs = stage(inputs, stage_caches, **options)

@@ -203,11 +203,7 @@ def brute_force_bottleneck(fp: ModelFootprint, nodes: list[NodeCapacity]) -> Fra
         candidates = [(order, [1] * fp.n_layer) for order in itertools.permutations(usable, fp.n_layer)]
     best = [bottleneck(fp, by_id, o, c) for o, c in candidates if o and fits(fp, by_id, o, c)]
     if not best:
-        best = [
-            bottleneck(fp, by_id, [n], [fp.n_layer])
-            for n in usable
-            if by_id[n].memory_bytes >= fp.total_bytes
-        ]
+        best = [bottleneck(fp, by_id, [n], [fp.n_layer]) for n in usable if by_id[n].memory_bytes >= fp.total_bytes]
     return min(best, default=None)
 
 

@@ -159,9 +159,7 @@ def test_penalties_change_logits_as_specified(params: SamplingParams) -> None:
     prompt, generated = [1, 2], [0, 0, 0, 4, 7]
     log_probabilities = np.log(softmax(penalised_reference(logits, prompt, generated, params)))
     result = sample_next(logits, params, np.random.default_rng(0), history_of(prompt, generated))
-    assert {t.token_id: t.logprob for t in result.top_logprobs} == pytest.approx(
-        dict(enumerate(log_probabilities))
-    )
+    assert {t.token_id: t.logprob for t in result.top_logprobs} == pytest.approx(dict(enumerate(log_probabilities)))
     candidates = Candidates(logits[[7, 0, 4]], np.array([7, 0, 4]))  # penalties reach candidates only
     result = sample_next(candidates, params, np.random.default_rng(0), history_of(prompt, generated))
     expected = np.log(softmax(penalised_reference(logits, prompt, generated, params)[[7, 0, 4]]))

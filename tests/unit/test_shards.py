@@ -145,11 +145,7 @@ def test_flipped_byte_is_data_loss_naming_file_and_hashes(shard_copy) -> None:
     actual = hashlib.sha256(data).hexdigest()
     with pytest.raises(DataLoss) as error:
         read_shard(manifest, out)
-    assert (
-        manifest.file in str(error.value)
-        and actual in str(error.value)
-        and manifest.sha256 in str(error.value)
-    )
+    assert manifest.file in str(error.value) and actual in str(error.value) and manifest.sha256 in str(error.value)
     assert read_shard(manifest, out, verify=False)["wte.weight"].shape == (97, 32)  # verify=False skips it
 
 

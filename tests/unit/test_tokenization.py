@@ -51,9 +51,7 @@ def tokenizer() -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def reference() -> HuggingFaceTokenizer:
-    model = models.BPE.from_file(
-        str(cache_path(PROVISIONED, ENCODER_JSON)), str(cache_path(PROVISIONED, VOCAB_BPE))
-    )
+    model = models.BPE.from_file(str(cache_path(PROVISIONED, ENCODER_JSON)), str(cache_path(PROVISIONED, VOCAB_BPE)))
     reference = HuggingFaceTokenizer(model)
     reference.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     reference.decoder = decoders.ByteLevel()
@@ -62,10 +60,7 @@ def reference() -> HuggingFaceTokenizer:
 
 def random_texts(count: int, seed: int = 0) -> list[str]:
     generator = random.Random(seed)
-    return [
-        "".join(generator.choice(RANDOM_PIECES) for _ in range(generator.randint(0, 24)))
-        for _ in range(count)
-    ]
+    return ["".join(generator.choice(RANDOM_PIECES) for _ in range(generator.randint(0, 24))) for _ in range(count)]
 
 
 @pytest.mark.parametrize("text", CORPUS)

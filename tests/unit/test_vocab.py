@@ -52,9 +52,7 @@ def package_dir(tmp_path: Path, real_files: dict[str, bytes]) -> Path:
 
 def test_pins_match_tiktoken(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: dict[str, str] = {}
-    monkeypatch.setattr(
-        tiktoken_ext.openai_public, "data_gym_to_mergeable_bpe_ranks", lambda **kw: seen.update(kw)
-    )
+    monkeypatch.setattr(tiktoken_ext.openai_public, "data_gym_to_mergeable_bpe_ranks", lambda **kw: seen.update(kw))
     spec = tiktoken_ext.openai_public.gpt2()
     assert seen["vocab_bpe_file"] == VOCAB_BPE.url
     assert seen["encoder_json_file"] == ENCODER_JSON.url

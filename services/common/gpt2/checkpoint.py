@@ -96,9 +96,7 @@ def stage_tensor_names(config: GPT2Config, start: int, end: int) -> list[str]:
     return names
 
 
-def load_checkpoint(
-    source: str | Path, *, progress: bool = True, cache_dir: str | Path | None = None
-) -> Checkpoint:
+def load_checkpoint(source: str | Path, *, progress: bool = True, cache_dir: str | Path | None = None) -> Checkpoint:
     """Load and validate a GPT-2 checkpoint from a local folder or a Hugging Face hub name.
 
     A local folder holds config.json and model.safetensors. A hub name ("gpt2",
@@ -132,15 +130,11 @@ def _download(name: str, *, progress: bool, cache_dir: str | Path | None) -> Pat
     if silence:
         disable_progress_bars()
     try:
-        folder = Path(
-            snapshot_download(name, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE], cache_dir=cache_dir)
-        )
+        folder = Path(snapshot_download(name, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE], cache_dir=cache_dir))
     except HFValidationError as error:
         raise InvalidArgument(f"{name!r} is neither a local folder nor a valid hub name: {error}") from error
     except RepositoryNotFoundError as error:
-        raise NotFound(
-            f"no model {name!r} on the Hugging Face hub (or no access to it); check the name"
-        ) from error
+        raise NotFound(f"no model {name!r} on the Hugging Face hub (or no access to it); check the name") from error
     except _network_errors() as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise Unavailable(
@@ -151,9 +145,7 @@ def _download(name: str, *, progress: bool, cache_dir: str | Path | None) -> Pat
         if silence:
             enable_progress_bars()
     if not (folder / WEIGHTS_FILE).is_file():
-        raise InvalidArgument(
-            f"hub model {name!r} has no {WEIGHTS_FILE}; only safetensors checkpoints are supported"
-        )
+        raise InvalidArgument(f"hub model {name!r} has no {WEIGHTS_FILE}; only safetensors checkpoints are supported")
     return folder
 
 
@@ -226,8 +218,6 @@ def _check_tensor(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> No
     if tuple(tensor.shape) != shape:
         raise InvalidArgument(f"tensor {name!r} has shape {list(tensor.shape)}, expected {list(shape)}")
     if tensor.dtype not in SUPPORTED_DTYPES:
-        raise InvalidArgument(
-            f"tensor {name!r} has dtype {tensor.dtype}; expected float32, float16 or bfloat16"
-        )
+        raise InvalidArgument(f"tensor {name!r} has dtype {tensor.dtype}; expected float32, float16 or bfloat16")
     if not torch.isfinite(tensor).all():
         raise DataLoss(f"tensor {name!r} holds NaN or infinite values")

@@ -28,9 +28,7 @@ class GPT2Config:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise InvalidArgument(f"GPT-2 config: {name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head != 0:
-            raise InvalidArgument(
-                f"GPT-2 config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
-            )
+            raise InvalidArgument(f"GPT-2 config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         epsilon = self.layer_norm_epsilon
         if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0 < epsilon < 1:
             raise InvalidArgument(f"GPT-2 config: layer_norm_epsilon must be in (0, 1), got {epsilon!r}")
@@ -43,9 +41,7 @@ class GPT2Config:
     def check_layer_range(self, start: int, end: int) -> None:
         """Raise InvalidArgument unless [start, end) is a non-empty range of this model's layers."""
         if not 0 <= start < end <= self.n_layer:
-            raise InvalidArgument(
-                f"layer range [{start}, {end}) is not a non-empty part of [0, {self.n_layer})"
-            )
+            raise InvalidArgument(f"layer range [{start}, {end}) is not a non-empty part of [0, {self.n_layer})")
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> GPT2Config:
@@ -109,8 +105,7 @@ def _check_supported_features(config: Mapping[str, Any]) -> None:
     activation = config.get("activation_function", SUPPORTED_ACTIVATION)
     if activation != SUPPORTED_ACTIVATION:
         raise InvalidArgument(
-            f"GPT-2 config: activation_function {activation!r} is not supported; "
-            f"only {SUPPORTED_ACTIVATION!r}"
+            f"GPT-2 config: activation_function {activation!r} is not supported; only {SUPPORTED_ACTIVATION!r}"
         )
     n_embd, n_inner = config.get("n_embd"), config.get("n_inner")
     if n_inner is not None and n_inner != 4 * (n_embd or 0):

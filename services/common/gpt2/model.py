@@ -119,9 +119,7 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         # Each request stores only its real new tokens, then attends to its whole cache.
-        cached = [
-            cache.write(layer, k[b, :, : lengths[b]], v[b, :, : lengths[b]]) for b, cache in enumerate(caches)
-        ]
+        cached = [cache.write(layer, k[b, :, : lengths[b]], v[b, :, : lengths[b]]) for b, cache in enumerate(caches)]
         if B == 1:
             keys, values = cached[0][0].unsqueeze(0), cached[0][1].unsqueeze(0)  # (1, nh, S, hs), no copy
         else:
@@ -205,9 +203,7 @@ class GPT2Stage(nn.Module):
                 raise InvalidArgument(f"stage [{start}, {end}) needs tensor {name!r}, which was not given")
             tensor = tensors[name]
             if tuple(tensor.shape) != shapes[name]:
-                raise InvalidArgument(
-                    f"tensor {name!r} has shape {list(tensor.shape)}, expected {list(shapes[name])}"
-                )
+                raise InvalidArgument(f"tensor {name!r} has shape {list(tensor.shape)}, expected {list(shapes[name])}")
             if name.endswith(CONV1D_WEIGHTS):
                 tensor = tensor.t()  # Conv1D (in, out) -> nn.Linear (out, in)
             state[_local_name(name, start)] = tensor.to(device=device, dtype=dtype).contiguous()
@@ -268,9 +264,7 @@ class GPT2Stage(nn.Module):
         self, inputs: Sequence[Tensor], caches: Sequence[KVCache], positions: Sequence[Tensor] | None
     ) -> list[int]:
         if not inputs or len(inputs) != len(caches):
-            raise InvalidArgument(
-                f"got {len(inputs)} inputs and {len(caches)} caches; need one each per request"
-            )
+            raise InvalidArgument(f"got {len(inputs)} inputs and {len(caches)} caches; need one each per request")
         if len({id(cache) for cache in caches}) != len(caches):
             raise InvalidArgument("the same KV cache appears twice in one batch")
         if positions is not None and len(positions) != len(inputs):
@@ -280,17 +274,9 @@ class GPT2Stage(nn.Module):
         lengths = []
         for index, (tensor, cache) in enumerate(zip(inputs, caches, strict=True)):
             good_shape = tensor.dim() == 1 if self.is_first else tensor.dim() == 2
-            if (
-                not good_shape
-                or tensor.shape[0] == 0
-                or (not self.is_first and tensor.shape[1] != config.n_embd)
-            ):
+            if not good_shape or tensor.shape[0] == 0 or (not self.is_first and tensor.shape[1] != config.n_embd):
                 raise InvalidArgument(f"request {index}: expected {expected}, got shape {list(tensor.shape)}")
-            if (
-                cache.n_layer != len(self.h)
-                or cache.head_dim != config.head_dim
-                or cache.n_head != config.n_head
-            ):
+            if cache.n_layer != len(self.h) or cache.head_dim != config.head_dim or cache.n_head != config.n_head:
                 raise InvalidArgument(f"request {index}: KV cache was not made by this stage's new_cache()")
             if cache.length + tensor.shape[0] > config.n_positions:
                 raise InvalidArgument(
