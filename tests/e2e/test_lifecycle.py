@@ -116,5 +116,6 @@ def test_synapse_up_once_runs_the_whole_stack_and_generates(checkpoint_dir: Path
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "pipeline node-0[" in result.stdout and "node-1[" in result.stdout
+    pipeline = next(line for line in result.stdout.splitlines() if ": pipeline " in line)
+    assert "node-0[" in pipeline and "node-1[" in pipeline, pipeline
     assert "8 tokens in" in result.stdout
