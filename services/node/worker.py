@@ -74,8 +74,12 @@ class StageWorker:
         ]
 
     def encode(self, frames: list[syn1.Frame]) -> bytes:
-        dtype = None if self.stage.is_last else self.wire_dtype
-        return syn1.encode_frames(frames, dtype)
+        """Activations in the assigned wire dtype; top-K values as f16 (ranked by exact f32 value first, so
+        rounding cannot change the greedy token: 408 bytes for K=64); full logits as they are (f32)."""
+        if not self.stage.is_last:
+            return syn1.encode_frames(frames, self.wire_dtype)
+        top_k = frames and frames[0].msg_type is syn1.MessageType.OUTPUT
+        return syn1.encode_frames(frames, syn1.DType.F16 if top_k else None)
 
     def _input(self, frame: syn1.Frame) -> torch.Tensor:
         if self.stage.is_first:
@@ -113,4 +117,7 @@ class StageWorker:
         if self.top_k == 0:
             return syn1.Frame.logits(frame.request_id, position, logits.float().cpu().numpy())
         values, ids = top_k(logits.float(), min(self.top_k, logits.shape[-1]))
-        return syn1.Frame.output(frame.request_id, position, values.cpu().numpy(), ids.to(torch.int32).cpu().numpy())
+        values, ids = values.cpu().numpy(), ids.to(torch.int32).cpu().numpy()  # (1, K) each
+        order = np.lexsort((ids, -values), axis=-1)  # exact value descending, then lower id (as argmax)
+        values, ids = np.take_along_axis(values, order, -1), np.take_along_axis(ids, order, -1)
+        return syn1.Frame.output(frame.request_id, position, values, ids)

@@ -237,7 +237,10 @@ def _choose(
 ) -> list[SampleResult]:
     """The vectorised core: scaled (B, N) penalised logits / temperature, token_ids (B, N)."""
     if not presorted:
-        order = np.lexsort((token_ids, -scaled), axis=-1)  # best first, lowest id on ties
+        # Best first; ties keep the order given. Full logits come in id order (lowest id wins, as argmax);
+        # the last stage sends candidates sorted by exact f32 value then id, so a tie that only exists
+        # after rounding to f16 on the wire still goes to the truly larger logit.
+        order = np.argsort(-scaled, axis=-1, kind="stable")
         scaled = np.take_along_axis(scaled, order, axis=1)
         token_ids = np.take_along_axis(token_ids, order, axis=1)
     shifted = scaled - scaled[:, :1]  # <= 0

@@ -113,6 +113,8 @@ def test_same_seed_same_sequence_and_different_seeds_differ() -> None:
 
 
 def test_greedy_takes_the_lowest_id_on_ties_and_uses_no_randomness() -> None:
+    """Full logits: lowest id wins a tie (argmax). Candidates: the first listed wins, because the last stage
+    lists them by exact value, then id, before rounding them to f16 for the wire."""
     logits = np.array([0.0, 3.0, 1.0, 3.0, 3.0])
     rng = np.random.default_rng(5)
     state = rng.bit_generator.state
@@ -122,7 +124,7 @@ def test_greedy_takes_the_lowest_id_on_ties_and_uses_no_randomness() -> None:
     assert [t.token_id for t in result.top_logprobs] == [1, 3, 4]
     assert result.logprob == pytest.approx(math.log(softmax(logits)[1]))
     candidates = Candidates(np.array([3.0, 1.0, 3.0]), np.array([4, 2, 3]))
-    assert sample_next(candidates, greedy, rng).token_id == 3
+    assert sample_next(candidates, greedy, rng).token_id == 4
     assert rng.bit_generator.state == state
 
 

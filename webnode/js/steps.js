@@ -112,7 +112,7 @@ export class StepRunner {
       const encodeStarted = performance.now();
       const stepFrames = step.frames.map((frame, index) => outputFrame(stage, frame, outputs[offset + index]));
       offset += step.frames.length;
-      const body = syn1.encodeFrames(stepFrames, stage.isLast ? {} : { dtype: WIRE_DTYPES[wireDtype] });
+      const body = syn1.encodeFrames(stepFrames, { dtype: wireDtypeOf(stage, stepFrames, wireDtype) });
       const serializeMs = step.decodeMs + (performance.now() - encodeStarted);
       const stats = syn1.encode({
         msgType: syn1.MessageType.STATS, requestId: 0, position: 0, rows: 1, cols: 3,
@@ -151,6 +151,16 @@ export class StepRunner {
     }
     return { ...request, hidden: syn1.toFloat32(frame) };
   }
+}
+
+/**
+ * The dtype on the wire: activations as assigned; top-K values as f16 (the kernel already ranked them
+ * by exact f32 value, ties to the lower id, so rounding cannot change the greedy token); full logits
+ * as they are (f32, exact).
+ */
+function wireDtypeOf(stage, frames, wireDtype) {
+  if (!stage.isLast) return WIRE_DTYPES[wireDtype];
+  return frames[0]?.msgType === syn1.MessageType.OUTPUT ? syn1.DType.F16 : undefined;
 }
 
 /** The output frame of one request: activations, or the top-K (or logits) of its last row. */
