@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 
 from services.common.errors import DataLoss, Unavailable
-from services.sharder.shards import ShardManifest
+from services.sharder.manifest import ShardManifest
 
 log = logging.getLogger(__name__)
 

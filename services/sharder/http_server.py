@@ -11,7 +11,7 @@ from aiohttp.typedefs import Handler
 
 from services.common.errors import NotFound
 from services.sharder.catalog import Catalog
-from services.sharder.shards import ShardManifest
+from services.sharder.manifest import ShardManifest
 
 log = logging.getLogger(__name__)
 
