@@ -8,35 +8,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from services.common.pb import common_pb2, gateway_pb2, gateway_pb2_grpc, router_pb2
+from services.common.node_status import node_status_pb
+from services.common.pb import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.gateway.control import Assign, dump
 from services.gateway.hub import Hub
-from services.gateway.registry import NodeRecord
 
-_KINDS = {"native": common_pb2.NODE_KIND_NATIVE, "web": common_pb2.NODE_KIND_WEB}
-_STATES = {
-    "joined": router_pb2.NODE_STATE_JOINED,
-    "loading": router_pb2.NODE_STATE_LOADING,
-    "ready": router_pb2.NODE_STATE_READY,
-    "gone": router_pb2.NODE_STATE_GONE,
-}
 _DTYPES = {common_pb2.DTYPE_FLOAT32: "float32", common_pb2.DTYPE_INT8: "int8"}
-
-
-def node_status_pb(record: NodeRecord) -> router_pb2.NodeStatus:
-    status = router_pb2.NodeStatus(
-        node_id=record.node_id,
-        kind=_KINDS[record.kind],
-        device=record.device,
-        memory_bytes=record.memory_bytes,
-        speed=record.speed,
-        state=_STATES[record.state],
-        shard_id=record.shard_id,
-        gateway_id=record.gateway_id,
-    )
-    if record.layers is not None:
-        status.layers.start, status.layers.end = record.layers
-    return status
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):

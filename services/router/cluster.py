@@ -10,11 +10,11 @@ from collections.abc import Callable
 import grpc
 
 from services.common.errors import Unavailable
+from services.common.node_status import node_fields
 from services.common.pb import (
     common_pb2,
     gateway_pb2,
     gateway_pb2_grpc,
-    router_pb2,
     sharder_pb2,
     sharder_pb2_grpc,
 )
@@ -25,13 +25,6 @@ from services.router.topology import NodeView, Pipeline, build_pipelines, descri
 
 log = logging.getLogger(__name__)
 
-_STATE = {
-    router_pb2.NODE_STATE_JOINED: "joined",
-    router_pb2.NODE_STATE_LOADING: "loading",
-    router_pb2.NODE_STATE_READY: "ready",
-    router_pb2.NODE_STATE_GONE: "gone",
-}
-_KIND = {common_pb2.NODE_KIND_NATIVE: "native", common_pb2.NODE_KIND_WEB: "web"}
 _DTYPE = {
     "float16": common_pb2.DTYPE_FLOAT16,
     "float32": common_pb2.DTYPE_FLOAT32,
@@ -40,21 +33,7 @@ _DTYPE = {
 
 
 def node_view(event: gateway_pb2.NodeEvent) -> NodeView:
-    node = event.node
-    layers = (node.layers.start, node.layers.end) if node.HasField("layers") else None
-    return NodeView(
-        node.node_id,
-        _KIND.get(node.kind, "native"),
-        node.device,
-        node.memory_bytes,
-        node.speed,
-        _STATE.get(node.state, "gone"),
-        layers,
-        node.shard_id,
-        node.gateway_id,
-        event.gateway_address,
-        event.version,
-    )
+    return NodeView(**node_fields(event.node), gateway_address=event.gateway_address, version=event.version)
 
 
 class Cluster:

@@ -10,6 +10,7 @@ import grpc
 
 from services.common.errors import InvalidArgument, SynapseError
 from services.common.logs import request_id_var
+from services.common.node_status import node_status_pb
 from services.common.pb import common_pb2, router_pb2, router_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 from services.common.server import channel, request_metadata
 from services.router import metrics
@@ -17,7 +18,6 @@ from services.router.cluster import Cluster
 from services.router.engine import Engine
 from services.router.requests import Generation, TokenEvent
 from services.router.settings import RouterSettings
-from services.router.topology import NodeView
 from services.sampler.convert import params_from_pb
 from services.sampler.seeding import SteppedSampler
 from services.tokenizer.tokenization import Tokenizer
@@ -27,30 +27,7 @@ _FINISH = {
     "eos": router_pb2.FINISH_REASON_EOS,
     "stop": router_pb2.FINISH_REASON_STOP,
 }
-_STATE = {
-    "joined": router_pb2.NODE_STATE_JOINED,
-    "loading": router_pb2.NODE_STATE_LOADING,
-    "ready": router_pb2.NODE_STATE_READY,
-    "gone": router_pb2.NODE_STATE_GONE,
-}
-_KIND = {"native": common_pb2.NODE_KIND_NATIVE, "web": common_pb2.NODE_KIND_WEB}
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
-
-
-def node_status_pb(node: NodeView) -> router_pb2.NodeStatus:
-    status = router_pb2.NodeStatus(
-        node_id=node.node_id,
-        kind=_KIND.get(node.kind, 0),
-        device=node.device,
-        memory_bytes=node.memory_bytes,
-        speed=node.speed,
-        state=_STATE[node.state],
-        shard_id=node.shard_id,
-        gateway_id=node.gateway_id,
-    )
-    if node.layers:
-        status.layers.start, status.layers.end = node.layers
-    return status
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
