@@ -16,6 +16,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -74,6 +75,51 @@ def stack_stream(client: SynapseClient, tokens: int) -> tuple[float, float]:
     return len(decode) / (step_ms / 1e3), overhead_ms / step_ms
 
 
+def histogram_means(url: str) -> dict[tuple[str, tuple], tuple[float, float]]:
+    """(sum, count) of every histogram in a /metrics page, keyed by (name, labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    found: dict[tuple[str, tuple], list[float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            for suffix, index in (("_sum", 0), ("_count", 1)):
+                if sample.name.endswith(suffix):
+                    key = (sample.name[: -len(suffix)], tuple(sorted(sample.labels.items())))
+                    found.setdefault(key, [0.0, 0.0])[index] = sample.value
+    return {key: (value[0], value[1]) for key, value in found.items()}
+
+
+def overhead_breakdown(stack: Stack, client: SynapseClient, tokens: int) -> list[str]:
+    """Mean ms per decode step and per hop, from the router's and the gateway's own metrics."""
+    names = {
+        "router": [
+            "synapse_router_step_seconds",
+            "synapse_router_step_compute_seconds",
+            "synapse_router_step_overhead_seconds",
+        ],
+        "gateway-0": [
+            "synapse_gateway_hop_round_trip_seconds",
+            "synapse_gateway_hop_compute_seconds",
+            "synapse_gateway_hop_overhead_seconds",
+        ],
+    }
+    before = {name: histogram_means(stack.process(name).metrics_url) for name in names}
+    stack_stream(client, tokens)
+    lines = []
+    for name, metrics in names.items():
+        after = histogram_means(stack.process(name).metrics_url)
+        for (metric, labels), (total, count) in sorted(after.items()):
+            if metric in metrics:
+                old_total, old_count = before[name].get((metric, labels), (0.0, 0.0))
+                if count > old_count:
+                    label = ",".join(f"{k}={v}" for k, v in labels)
+                    mean_ms = (total - old_total) / (count - old_count) * 1e3
+                    lines.append(f"  {metric}{{{label}}}: {mean_ms:.2f} ms")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=64)
@@ -101,6 +147,7 @@ def main() -> None:
                 time.sleep(0.5)
             stack_stream(client, 8)  # warm-up
             runs = [stack_stream(client, args.tokens) for _ in range(args.repeats)]
+            breakdown = overhead_breakdown(stack, client, args.tokens)
             rate = statistics.median(r[0] for r in runs)
             overhead = statistics.median(r[1] for r in runs)
             started = time.perf_counter()
@@ -132,6 +179,8 @@ def main() -> None:
         f"{f'whole stack, {args.streams} streams, aggregate':<45} {aggregate:8.1f} tokens/s  "
         f"({aggregate / single:.2f}x one stream)"
     )
+    print("where a single-stream decode step goes (means; a step crosses every hop once):")
+    print("\n".join(breakdown))
 
 
 if __name__ == "__main__":
