@@ -105,12 +105,14 @@ class Scheduler:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while len(self._inflight) < stages:
+            while len(self._inflight) < max(stages, self.engine.settings.micro_batches):
                 ready = [g for g in self.requests if not g.in_flight and not g.done]
                 if not ready:
                     break
-                # Split the active requests into one micro-batch per stage so every stage has work.
-                size = min(self.engine.settings.max_batch, math.ceil(len(self.requests) / stages))
+                # Split the active requests into micro-batches (by default one per stage, so every stage
+                # has work); each runs as one batched forward pass per node.
+                micro_batches = self.engine.settings.micro_batches or stages
+                size = min(self.engine.settings.max_batch, math.ceil(len(self.requests) / micro_batches))
                 batch = ready[:size]
                 for generation in batch:
                     generation.in_flight = True

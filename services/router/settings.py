@@ -33,6 +33,9 @@ class RouterSettings(ServiceSettings):
         "float16", description="Wire dtype of activations between stages."
     )
     max_batch: int = Field(32, gt=0, description="Most requests in one pipeline step.")
+    micro_batches: int = Field(
+        0, ge=0, description="Micro-batches the active requests are split into (0 = one per stage, so stages overlap)."
+    )
     pipeline_wait_s: float = Field(
         10.0, ge=0, description="How long a request waits for a complete pipeline before UNAVAILABLE."
     )

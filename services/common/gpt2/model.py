@@ -207,8 +207,20 @@ class GPT2Stage(nn.Module):
             if name.endswith(CONV1D_WEIGHTS):
                 tensor = tensor.t()  # Conv1D (in, out) -> nn.Linear (out, in)
             state[_local_name(name, start)] = tensor.to(device=device, dtype=dtype).contiguous()
+        if stage.is_last:
+            # The LM head reads wte as (n_embd, vocab), contiguous: on CPU a one-row x @ W over that layout
+            # runs about twice as fast as F.linear over (vocab, n_embd) (GPT-2 124M: 6.7 vs 12 ms a token).
+            # The embedding keeps a transposed view of the same memory, so nothing is stored twice.
+            head = state["wte.weight"].t().contiguous()  # (C, vocab)
+            state["wte.weight"] = head.t()
         stage.load_state_dict(state, strict=True, assign=True)
+        if stage.is_last:
+            stage.register_buffer("lm_head", head, persistent=False)
         return stage.eval().requires_grad_(False)
+
+    def _lm_head(self, x: Tensor) -> Tensor:
+        head = getattr(self, "lm_head", None)  # set by from_tensors; a stage built directly has only wte
+        return x @ head if head is not None else F.linear(x, self.wte.weight)
 
     def new_cache(self) -> KVCache:
         """An empty KV cache for one request on this stage."""
@@ -257,7 +269,7 @@ class GPT2Stage(nn.Module):
             lengths = [1] * len(lengths)
         else:
             rows = torch.cat([x[b, :length] for b, length in enumerate(lengths)])  # (sum T_i, C)
-        logits = F.linear(self.ln_f(rows), self.wte.weight)  # (rows, vocab), tied LM head
+        logits = self._lm_head(self.ln_f(rows))  # (rows, vocab), tied to wte
         return list(logits.split(lengths))
 
     def _check_batch(
