@@ -8,6 +8,7 @@ import time
 from services.common import syn1
 from services.common.pb import gateway_pb2
 from services.gateway import metrics
+from services.gateway.control import Hello, Release, dump
 from services.gateway.nodes import NodeConnection, NodeGone, StepFailedOnNode, StepReply
 from services.gateway.peers import PeerGateways
 from services.gateway.registry import MemoryRegistry, NodeRecord
@@ -70,8 +71,6 @@ class Hub:
         await connection.send_text(assign_text)
 
     async def release(self, request_ids: list[int], node_ids: list[str]) -> None:
-        from services.gateway.control import Release, dump
-
         text = dump(Release(request_ids=request_ids))
         for node_id in node_ids:
             connection = self.connections.get(node_id)
@@ -171,7 +170,7 @@ class Hub:
             metrics.HOP_BYTES_PER_TOKEN.labels("from_node").observe(reply.size / tokens)
 
 
-def record_for(hello: object, gateway_id: str, address: str) -> NodeRecord:
+def record_for(hello: Hello, gateway_id: str, address: str) -> NodeRecord:
     return NodeRecord(
         node_id=hello.node_id,
         kind=hello.node_kind,

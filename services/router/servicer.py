@@ -18,6 +18,7 @@ from services.router.cluster import Cluster
 from services.router.engine import Engine
 from services.router.requests import Generation, TokenEvent
 from services.router.settings import RouterSettings
+from services.router.topology import missing_ranges
 from services.sampler.convert import params_from_pb
 from services.sampler.seeding import SteppedSampler
 from services.tokenizer.tokenization import Tokenizer
@@ -145,8 +146,6 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     async def Topology(
         self, request: router_pb2.TopologyRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.TopologyResponse:
-        from services.router.topology import missing_ranges
-
         response = router_pb2.TopologyResponse(model_id=self.cluster.model_id, config=self.cluster.config)
         for pipeline in self.cluster.pipelines:
             scheduler = self.engine.schedulers.get(pipeline.key)
