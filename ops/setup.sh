@@ -5,13 +5,22 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-APT_PACKAGES=(redis-server chromium nodejs npm)
+# Debian package -> a file it installs (present = nothing to do).
+declare -A APT_PACKAGES=(
+    [redis-server]=/usr/bin/redis-server
+    [chromium]=/usr/bin/chromium
+    [nodejs]=/usr/bin/node
+    # Mesa's Vulkan driver (lavapipe): wgpu-py gets an adapter with shader-f16 for the f16 kernel tests.
+    [mesa-vulkan-drivers]=/usr/share/vulkan/icd.d/lvp_icd.x86_64.json
+)
 
 missing=()
-command -v redis-server >/dev/null || missing+=(redis-server)
-command -v chromium >/dev/null || missing+=(chromium)
-command -v node >/dev/null || missing+=(nodejs)
-command -v npm >/dev/null || missing+=(npm)
+for package in "${!APT_PACKAGES[@]}"; do
+    path=${APT_PACKAGES[$package]}
+    # nodejs may come from elsewhere (nodesource): any `node` on the PATH will do.
+    if [[ $package == nodejs ]] && command -v node >/dev/null; then continue; fi
+    [[ -e $path ]] || missing+=("$package")
+done
 if ((${#missing[@]})); then
     sudo=""
     [[ $(id -u) -eq 0 ]] || sudo="sudo"
@@ -20,9 +29,9 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is the CPU build on disk here.
+# torch first and pinned: an unpinned torch pulls a newer multi-GB build.
 if ! "$PYTHON" -c "import torch" 2>/dev/null; then
-    "$PYTHON" -m pip install -q "torch==2.13.0" || "$PYTHON" -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+    "$PYTHON" -m pip install -q "torch==2.13.0"
 fi
 "$PYTHON" -m pip install -q -e ".[test]"
 

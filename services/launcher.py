@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -21,11 +22,22 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.errors import Unavailable
 
+# Below Linux's ephemeral range (32768-60999): a port the kernel hands to outgoing connections can be
+# taken between choosing it here and the service binding it, which failed stacks at random.
+_PORT_RANGE = (20000, 32000)
+
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A port free on 127.0.0.1 now, outside the range the kernel picks client ports from."""
+    for _ in range(200):
+        port = random.randrange(*_PORT_RANGE)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise Unavailable(f"no free port in {_PORT_RANGE} after 200 tries")
 
 
 @dataclass

