@@ -1,6 +1,6 @@
 // SYN1 binary tensor frames: the bytes of every tensor between gateway and nodes (docs/wire-protocol.md).
 //
-// Twin of services/common/syn1.py: same layout, same checks, same error messages, proved by the
+// Twin of services/wire/syn1.py: same layout, same checks, same error messages, proved by the
 // shared vectors in tests/vectors/syn1/. Decoding is zero-copy where the bytes are aligned (typed
 // arrays over the received buffer); frames are padded to 4 bytes so that is the usual case.
 // Plain ES module, no dependencies: browsers and Node 20. Float16Array is not everywhere yet, so
@@ -353,7 +353,7 @@ function roundHalfEven(x) {
 }
 
 /**
- * Symmetric per-row int8, bit-identical to services.common.syn1.quantize_int8: scale = max|x| / 127
+ * Symmetric per-row int8, bit-identical to services.wire.syn1.quantize_int8: scale = max|x| / 127
  * in f32, q = roundHalfEven(x / scale) clamped to [-127, 127]; an all-zero row gets scale 0.
  */
 export function quantizeInt8(data, rows, cols) {

@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import time
 
-from services.common import syn1
 from services.common.pb import gateway_pb2
 from services.gateway import metrics
-from services.gateway.control import Hello, Release, dump
 from services.gateway.nodes import NodeConnection, NodeGone, StepFailedOnNode, StepReply
-from services.gateway.peers import PeerGateways
 from services.gateway.registry import MemoryRegistry, NodeRecord
+from services.wire import syn1
+from services.wire.control import Hello, Release, dump
+from services.wire.gateway_client import GatewayClients
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ class Hub:
         self.registry = registry
         self.step_timeout_s = step_timeout_s
         self.connections: dict[str, NodeConnection] = {}
-        self.peers = PeerGateways()
+        self.peers = GatewayClients()
 
     # --- node lifecycle -------------------------------------------------------------------------
 

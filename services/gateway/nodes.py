@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from services.common import syn1
 from services.common.errors import Unavailable
 from services.gateway.registry import NodeRecord
+from services.wire import syn1
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ import grpc
 
 from services.common.node_status import node_status_pb
 from services.common.pb import common_pb2, gateway_pb2, gateway_pb2_grpc
-from services.gateway.control import Assign, dump
 from services.gateway.hub import Hub
+from services.wire.control import Assign, dump
 
 _DTYPES = {common_pb2.DTYPE_FLOAT32: "float32", common_pb2.DTYPE_INT8: "int8"}
 

@@ -14,12 +14,12 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from services.common import syn1
 from services.common.errors import InvalidArgument
-from services.gateway import control, metrics
+from services.gateway import metrics
 from services.gateway.hub import Hub, record_for
 from services.gateway.nodes import NodeConnection
 from services.gateway.settings import GatewaySettings
+from services.wire import control, syn1
 
 log = logging.getLogger(__name__)
 

@@ -18,14 +18,13 @@ from pydantic import ValidationError
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from services.common import syn1
 from services.common.errors import SynapseError
 from services.common.gpt2.model import GPT2Stage
-from services.gateway import control
 from services.node.settings import NodeSettings
 from services.node.shard_store import ShardStore
 from services.node.worker import StageWorker
 from services.sharder.shards import read_shard
+from services.wire import control, syn1
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from services.common import syn1
 from services.common.errors import InvalidArgument
 from services.common.gpt2.model import GPT2Stage, KVCache, top_k
+from services.wire import syn1
 
 log = logging.getLogger(__name__)
 

@@ -9,15 +9,15 @@ import logging
 import math
 import time
 
-from services.common import syn1
 from services.common.errors import DeadlineExceeded, Unavailable
 from services.common.pb import gateway_pb2
-from services.gateway.peers import PeerGateways
 from services.router import metrics
 from services.router.cluster import Cluster
 from services.router.requests import Generation, TokenEvent, candidates_of
 from services.router.settings import RouterSettings
 from services.router.topology import Pipeline
+from services.wire import syn1
+from services.wire.gateway_client import GatewayClients
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class Engine:
     def __init__(self, settings: RouterSettings, cluster: Cluster) -> None:
         self.settings = settings
         self.cluster = cluster
-        self.gateways = PeerGateways()
+        self.gateways = GatewayClients()
         self.background: set[asyncio.Task[None]] = set()
         self.schedulers: dict[tuple[str, ...], Scheduler] = {}
         self._wire_ids = itertools.count(0)

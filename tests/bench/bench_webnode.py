@@ -26,15 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from playwright.async_api import async_playwright
 
-from services.common import syn1
 from services.common.gpt2.model import GPT2Stage
 from services.common.pb import common_pb2, gateway_pb2
-from services.gateway.peers import GatewayClient
 from services.node.benchmark import measure_speed
 from services.node.worker import StageWorker
 from services.sharder.http_server import make_app, start_http
 from services.sharder.random_weights import known_shape, random_checkpoint
 from services.sharder.shards import ShardManifest, even_ranges, read_shard, write_shards
+from services.wire import syn1
+from services.wire.gateway_client import GatewayClient
 from tests.integration.gateway_fixtures import running_gateway, stage
 from tests.webnode.conftest import CHROMIUM, CHROMIUM_ARGS, page_url
 

@@ -23,17 +23,17 @@ import numpy as np
 import torch
 from websockets.asyncio.client import ClientConnection, connect
 
-from services.common import syn1
 from services.common.pb import common_pb2, gateway_pb2, gateway_pb2_grpc, router_pb2
 from services.common.server import GrpcServer, channel
 from services.gateway.__main__ import start_gateway, stop_gateway
 from services.gateway.hub import Hub
-from services.gateway.peers import GatewayClient
 from services.gateway.settings import GatewaySettings
 from services.gateway.websocket_server import WS_PATH, NodeEndpoint
 from services.launcher import free_port
 from services.node.agent import NodeAgent
 from services.node.settings import NodeSettings
+from services.wire import syn1
+from services.wire.gateway_client import GatewayClient
 
 # What a node reports in the STATS frame of every fake reply, milliseconds.
 FAKE_STATS_MS = (1.5, 0.25, 0.125)  # compute, queue, serialize

@@ -22,11 +22,11 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidHandshake
 
 from services.cli import main as synapse
-from services.common import syn1
 from services.common.pb import gateway_pb2
 from services.gateway import redis_registry, websocket_server
 from services.gateway.websocket_server import CLOSE_POLICY
 from services.launcher import free_port
+from services.wire import syn1
 from tests.integration.gateway_fixtures import (
     FAKE_HIDDEN,
     FAKE_STATS_MS,

@@ -12,9 +12,9 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.common import syn1
 from services.common.metrics import start_metrics_server
 from services.common.pb import gateway_pb2
+from services.wire import syn1
 from tests.integration.gateway_fixtures import (
     FAKE_HIDDEN,
     FAKE_STATS_MS,

@@ -16,13 +16,13 @@ import torch
 from aiohttp import web
 from websockets.asyncio.server import ServerConnection, serve
 
-from services.common import syn1
 from services.common.pb import common_pb2, gateway_pb2, sharder_pb2, sharder_pb2_grpc
 from services.common.server import channel
 from services.sharder.__main__ import start_sharder
 from services.sharder.catalog import Catalog
 from services.sharder.http_server import start_http
 from services.sharder.settings import SharderSettings
+from services.wire import syn1
 from tests.checkpoints import load_reference, make_random_checkpoint
 from tests.integration.gateway_fixtures import (
     RunningGateway,

@@ -1,4 +1,4 @@
-"""services.common.syn1 against the shared SYN1 vectors (tests/vectors/syn1/) and hostile input."""
+"""services.wire.syn1 against the shared SYN1 vectors (tests/vectors/syn1/) and hostile input."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.common import syn1
 from services.common.errors import InvalidArgument
-from services.common.syn1 import DType, Flag, Frame, FrameError, MessageType
+from services.wire import syn1
+from services.wire.syn1 import DType, Flag, Frame, FrameError, MessageType
 from tests.vectors import make_syn1_vectors
 
 VECTORS = Path(__file__).parents[1] / "vectors" / "syn1"

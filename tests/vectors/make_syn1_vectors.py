@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from services.common import syn1
-from services.common.syn1 import DType, Frame, MessageType
+from services.wire import syn1
+from services.wire.syn1 import DType, Frame, MessageType
 
 OUT_DIR = Path(__file__).parent / "syn1"
 ACT, TOK, OUT, LOG = MessageType.ACTIVATION, MessageType.TOKENS, MessageType.OUTPUT, MessageType.LOGITS

@@ -21,16 +21,16 @@ import torch
 from aiohttp import web
 from websockets.asyncio.server import ServerConnection, serve
 
-from services.common import syn1
 from services.common.gpt2.model import GPT2Stage, KVCache
 from services.common.pb import common_pb2, gateway_pb2, sharder_pb2, sharder_pb2_grpc
 from services.common.server import channel
-from services.gateway.peers import GatewayClient
 from services.sharder.__main__ import start_sharder
 from services.sharder.catalog import Catalog
 from services.sharder.http_server import start_http
 from services.sharder.settings import SharderSettings
 from services.sharder.shards import read_shard
+from services.wire import syn1
+from services.wire.gateway_client import GatewayClient
 from tests.checkpoints import load_reference, make_random_checkpoint
 from tests.integration.gateway_fixtures import RunningGateway, running_gateway, stage, token_step
 from tests.webnode.conftest import NodePage, OpenPage, page_url

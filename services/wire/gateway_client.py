@@ -84,7 +84,7 @@ class GatewayClient:
         await self.channel.close()
 
 
-class PeerGateways:
+class GatewayClients:
     """A GatewayClient per address, made on first use."""
 
     def __init__(self) -> None:
