@@ -188,7 +188,8 @@ class NodeAgent:
                 await websocket.close(1000, "shard load failed")
 
     def _build_stage(self, manifest, folder) -> GPT2Stage:
-        tensors = read_shard(manifest, folder)
+        # read_shard gives numpy arrays over one buffer (the sharder has no torch); wrap them, no copy.
+        tensors = {name: torch.from_numpy(array) for name, array in read_shard(manifest, folder).items()}
         return GPT2Stage.from_tensors(
             manifest.config,
             manifest.layer_start,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 from services.common.gpt2.checkpoint import Checkpoint, expected_shapes
 from services.common.gpt2.config import GPT2Config
@@ -25,14 +25,15 @@ def known_shape(model: str) -> GPT2Config | None:
 
 
 def random_checkpoint(config: GPT2Config, model_id: str, *, seed: int = 0) -> Checkpoint:
-    """GPT-2's own initialisation (normal 0.02, LayerNorm 1/0, biases 0), deterministic for a seed."""
-    generator = torch.Generator().manual_seed(seed)
-    tensors: dict[str, torch.Tensor] = {}
+    """GPT-2's own initialisation (normal 0.02, LayerNorm 1/0, biases 0), float32, deterministic for a seed
+    (numpy's PCG64 stream, which numpy keeps stable across releases in practice)."""
+    generator = np.random.Generator(np.random.PCG64(seed))
+    tensors: dict[str, np.ndarray] = {}
     for name, shape in expected_shapes(config).items():
         if ".ln_" in name or name.startswith("ln_"):
-            tensors[name] = torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)
+            tensors[name] = np.ones(shape, np.float32) if name.endswith("weight") else np.zeros(shape, np.float32)
         elif name.endswith("bias"):
-            tensors[name] = torch.zeros(shape)
+            tensors[name] = np.zeros(shape, np.float32)
         else:
-            tensors[name] = torch.empty(shape).normal_(0.0, 0.02, generator=generator)
+            tensors[name] = generator.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
     return Checkpoint(model_id=model_id + RANDOM_SUFFIX, config=config, tensors=tensors)

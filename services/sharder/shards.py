@@ -1,24 +1,25 @@
 """Shard files: one safetensors file per layer range plus a JSON manifest, written atomically, read verified.
 
-docs/shards.md describes the format. The model index (model.json) lists a folder's shards.
+docs/shards.md describes the format. The model index (model.json) lists a folder's shards. numpy only, no torch:
+the bytes are the ones the torch sharder wrote (tests/unit/test_shard_bytes.py pins them).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
-import torch
+import numpy as np
 from tqdm import tqdm
 
 from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, SynapseError
-from services.common.gpt2.checkpoint import Checkpoint, expected_shapes, stage_tensor_names
+from services.common.gpt2 import safetensors_file
+from services.common.gpt2.checkpoint import Checkpoint, all_finite, expected_shapes, stage_tensor_names
 from services.common.gpt2.config import GPT2Config
 from services.sharder.manifest import (  # noqa: F401 - re-exported: the shard API in one import
     FORMAT_VERSION,
@@ -31,13 +32,8 @@ from services.sharder.manifest import (  # noqa: F401 - re-exported: the shard A
     shard_id,
 )
 
-# Shard dtype -> (safetensors dtype code, torch dtype).
-SHARD_DTYPES: dict[str, tuple[str, torch.dtype]] = {
-    "float16": ("F16", torch.float16),
-    "float32": ("F32", torch.float32),
-}
-_CHUNK_BYTES = 1 << 20
-_MAX_HEADER_BYTES = 100 << 20  # the limit safetensors itself enforces
+# Shard dtype -> numpy dtype of its little-endian data.
+SHARD_DTYPES: dict[str, np.dtype] = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 
 
 def even_ranges(n_layer: int, parts: int) -> list[tuple[int, int]]:
@@ -72,7 +68,7 @@ def write_shards(
     ranges = list(ranges)
     if not ranges:
         raise InvalidArgument("no layer ranges given; pass e.g. even_ranges(n_layer, parts)")
-    _torch_dtype(dtype)
+    _numpy_dtype(dtype)
     for start, end in ranges:
         checkpoint.config.check_layer_range(start, end)
     _check_folder(Path(out_dir), checkpoint.model_id, checkpoint.config)
@@ -100,8 +96,9 @@ def read_index(directory: str | Path) -> ModelIndex:
 
 def read_shard(
     manifest: ShardManifest | str | Path, directory: str | Path | None = None, *, verify: bool = True
-) -> dict[str, torch.Tensor]:
-    """Load a shard's tensors, checking its size, its sha256 (unless verify=False) and every tensor.
+) -> dict[str, np.ndarray]:
+    """Load a shard's tensors as numpy arrays viewing one buffer, checking its size, its sha256 (unless
+    verify=False) and every tensor. The native node wraps them with torch.from_numpy (no copy).
 
     `manifest` is a ShardManifest (then `directory` is the folder of its file) or a manifest's path
     (its folder is the default `directory`).
@@ -115,7 +112,7 @@ def read_shard(
     buffer = _read_file(data_path, manifest, verify=verify)
     tensors = _parse_safetensors(buffer, data_path)
     found = {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
-    wanted = {t.name: (t.shape, SHARD_DTYPES[t.dtype][1]) for t in manifest.tensors}
+    wanted = {t.name: (t.shape, SHARD_DTYPES[t.dtype]) for t in manifest.tensors}
     differing = sorted(name for name in wanted.keys() | found.keys() if wanted.get(name) != found.get(name))
     if differing:
         raise DataLoss(
@@ -133,7 +130,7 @@ def _write_shard(
     dtype: str,
     progress: Callable[[int], object],
 ) -> ShardManifest:
-    config, torch_dtype = checkpoint.config, _torch_dtype(dtype)
+    config, target = checkpoint.config, _numpy_dtype(dtype)
     config.check_layer_range(start, end)
     names = stage_tensor_names(config, start, end)
     shapes = expected_shapes(config)
@@ -143,17 +140,20 @@ def _write_shard(
             found = "missing" if tensor is None else f"shape {list(tensor.shape)}"
             raise InvalidArgument(f"checkpoint tensor {name!r} is {found}; expected shape {list(shapes[name])}")
     identity = shard_id(checkpoint.model_id, start, end, dtype)
-    header = _safetensors_header(names, shapes, dtype, identity)
+    metadata = {"format": "pt", "synapse_shard": identity}  # "pt": what readers expect of a GPT-2 checkpoint
+    header = safetensors_file.header_bytes(((name, shapes[name]) for name in names), dtype, metadata)
     digest = hashlib.sha256(header)
 
     def write_data(handle: BinaryIO) -> None:
         handle.write(header)
         for name in names:  # one converted tensor in memory at a time
-            source = checkpoint.tensors[name].detach()
-            tensor = source.to("cpu", torch_dtype).contiguous()
-            if tensor.dtype != source.dtype and not _all_finite(tensor):
+            source = np.asarray(checkpoint.tensors[name])
+            # Round to nearest even, as torch's .to() did; no copy when the dtype already matches.
+            with np.errstate(over="ignore"):  # an overflow is caught just below, with the tensor's name
+                tensor = np.ascontiguousarray(source, dtype=target)
+            if tensor.dtype != source.dtype and not all_finite(tensor):  # narrowing can overflow to inf
                 raise InvalidArgument(f"tensor {name!r} overflows {dtype}; shard as float32")
-            data = memoryview(tensor.numpy()).cast("B")  # host order: little-endian, as safetensors wants
+            data = memoryview(tensor).cast("B")
             digest.update(data)
             handle.write(data)
             progress(len(data))
@@ -181,37 +181,16 @@ def _write_shard(
     return manifest
 
 
-def _all_finite(tensor: torch.Tensor) -> bool:
-    """Narrowing can overflow to inf (the checkpoint itself was checked finite when loaded). Checked in
-    1 Mi-element chunks, so the temporaries stay small next to a 154 MB embedding."""
-    return all(bool(torch.isfinite(chunk).all()) for chunk in tensor.reshape(-1).split(1 << 20))
-
-
-def _safetensors_header(names: list[str], shapes: Mapping[str, tuple[int, ...]], dtype: str, identity: str) -> bytes:
-    """8-byte little-endian length + JSON header, padded with spaces so the data starts 8-aligned."""
-    code, torch_dtype = SHARD_DTYPES[dtype]
-    itemsize = torch_dtype.itemsize
-    entries: dict[str, Any] = {"__metadata__": {"format": "pt", "synapse_shard": identity}}
-    offset = 0
-    for name in names:
-        size = math.prod(shapes[name]) * itemsize
-        entries[name] = {"dtype": code, "shape": list(shapes[name]), "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(entries, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text
-
-
 def _data_bytes(config: GPT2Config, start: int, end: int, dtype: str) -> int:
     shapes = expected_shapes(config)
-    itemsize = _torch_dtype(dtype).itemsize
+    itemsize = _numpy_dtype(dtype).itemsize
     return sum(math.prod(shapes[name]) * itemsize for name in stage_tensor_names(config, start, end))
 
 
-def _torch_dtype(dtype: str) -> torch.dtype:
+def _numpy_dtype(dtype: str) -> np.dtype:
     if dtype not in SHARD_DTYPES:
         raise InvalidArgument(f"unsupported shard dtype {dtype!r}; use one of {sorted(SHARD_DTYPES)}")
-    return SHARD_DTYPES[dtype][1]
+    return SHARD_DTYPES[dtype]
 
 
 def _write_temp(directory: Path, write: Callable[[BinaryIO], object]) -> Path:
@@ -281,26 +260,14 @@ def _update_index(directory: Path, model_id: str, config: GPT2Config) -> ModelIn
 
 def _read_file(path: Path, manifest: ShardManifest, *, verify: bool) -> bytearray:
     """The whole file, hashed while it is read; DataLoss on a size or sha256 mismatch."""
+    digest = hashlib.sha256() if verify else None
     try:
-        size = path.stat().st_size
-    except FileNotFoundError:
+        buffer = safetensors_file.read_file(path, manifest.byte_size, digest)
+    except NotFound:
         raise NotFound(f"shard file {path} does not exist; re-shard or download it again") from None
-    if size != manifest.byte_size:
-        raise DataLoss(
-            f"{path} is {size} bytes but its manifest says {manifest.byte_size}: truncated or replaced; "
-            "delete it and re-shard"
-        )
-    buffer = bytearray(size)
-    view, digest, filled = memoryview(buffer), hashlib.sha256(), 0
-    with path.open("rb") as handle:
-        while filled < size:
-            count = handle.readinto(view[filled : filled + _CHUNK_BYTES])
-            if not count:
-                raise DataLoss(f"{path} shrank while it was read; re-shard it")
-            if verify:
-                digest.update(view[filled : filled + count])
-            filled += count
-    if verify and digest.hexdigest() != manifest.sha256:
+    except DataLoss as error:
+        raise DataLoss(f"{error}; delete it and re-shard") from None
+    if digest is not None and digest.hexdigest() != manifest.sha256:
         raise DataLoss(
             f"{path} is corrupt: its sha256 is {digest.hexdigest()} but the manifest says {manifest.sha256}; "
             "delete it and re-shard"
@@ -308,39 +275,13 @@ def _read_file(path: Path, manifest: ShardManifest, *, verify: bool) -> bytearra
     return buffer
 
 
-def _parse_safetensors(buffer: bytearray, path: Path) -> dict[str, torch.Tensor]:
-    """Tensors viewing `buffer` (no copy), after checking the header and that data spans tile the file."""
-    codes = {code: torch_dtype for code, torch_dtype in SHARD_DTYPES.values()}
-    length = int.from_bytes(buffer[:8], "little") if len(buffer) >= 8 else -1
-    if not 0 < length <= min(len(buffer) - 8, _MAX_HEADER_BYTES):
-        raise DataLoss(f"{path} is not a safetensors file (bad header length); delete it and re-shard")
-    header = parse_json(bytes(buffer[8 : 8 + length]), f"{path} header")
-    if not isinstance(header, dict):
-        raise DataLoss(f"{path} header is not a JSON object")
-    header.pop("__metadata__", None)
-    data_start, tensors, spans = 8 + length, {}, []
-    for name, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = codes[entry["dtype"]], tuple(entry["shape"]), entry["data_offsets"]
-            itemsize, count = dtype.itemsize, math.prod(shape)
-            valid = all(isinstance(n, int) and n >= 0 for n in (*shape, begin, end))
-        except (KeyError, TypeError, ValueError):
-            valid = False
-        if not valid or end - begin != count * itemsize or data_start + end > len(buffer):
-            raise DataLoss(f"{path}: header entry for {name!r} is malformed or out of bounds")
-        spans.append((begin, end))
-        tensor = torch.frombuffer(buffer, dtype=dtype, count=count, offset=data_start + begin) if count else None
-        if tensor is not None and (data_start + begin) % itemsize:
-            tensor = tensor.clone()  # misaligned (not written by Synapse): copy into aligned memory
-        tensors[name] = torch.empty(shape, dtype=dtype) if tensor is None else tensor.view(shape)
-    position = 0
-    for begin, end in sorted(spans):
-        if begin != position:
-            break
-        position = end
-    if position != len(buffer) - data_start:
-        raise DataLoss(f"{path}: tensor data has gaps, overlaps or trailing bytes; delete it and re-shard")
-    return tensors
+def _parse_safetensors(buffer: bytearray, path: Path) -> dict[str, np.ndarray]:
+    """Arrays viewing `buffer` (no copy), after checking the header and that data spans tile the file."""
+    codes = [safetensors_file.CODES[dtype] for dtype in SHARD_DTYPES]
+    try:
+        return safetensors_file.parse(buffer, path, codes)
+    except DataLoss as error:
+        raise DataLoss(f"{error}; delete it and re-shard") from None
 
 
 def _read_text(path: Path) -> bytes:

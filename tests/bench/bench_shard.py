@@ -65,7 +65,7 @@ def _current_rss_bytes() -> int:
 
 def save_full_size_checkpoint(folder: Path) -> int:
     """config.json + model.safetensors of GPT-2 124M with random weights, float32 like the hub's."""
-    from safetensors.torch import save_file
+    from safetensors.numpy import save_file
 
     from services.sharder.random_weights import known_shape, random_checkpoint
 
@@ -73,8 +73,8 @@ def save_full_size_checkpoint(folder: Path) -> int:
     checkpoint = random_checkpoint(config, MODEL)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    tensors = {f"transformer.{name}": tensor.contiguous() for name, tensor in checkpoint.tensors.items()}
-    save_file(tensors, folder / "model.safetensors", {"format": "pt"})
+    tensors = {f"transformer.{name}": array for name, array in checkpoint.tensors.items()}
+    save_file(tensors, str(folder / "model.safetensors"), {"format": "pt"})
     return (folder / "model.safetensors").stat().st_size
 
 

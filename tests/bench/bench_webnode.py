@@ -68,7 +68,7 @@ def step_frames(manifest: ShardManifest, position: int, tokens: list[int]) -> by
 
 def native_step_ms(manifest: ShardManifest, folder: Path, steps: int) -> list[float]:
     """ms per decode step of StageWorker (GPT2Stage, float32, CPU): decode + forward + encode."""
-    tensors = read_shard(manifest, folder)
+    tensors = {name: torch.from_numpy(array) for name, array in read_shard(manifest, folder).items()}
     model = GPT2Stage.from_tensors(manifest.config, manifest.layer_start, manifest.layer_end, tensors)
     worker = StageWorker(model, top_k=TOP_K, activation_dtype="float16", max_batch=64)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,7 +85,9 @@ def reference(tmp_path_factory) -> Callable[[str], Reference]:
                     next_token = model(tokens[None]).logits[0, -1].argmax()
                     tokens = torch.cat([tokens, next_token[None]])
                 logits = model(tokens[None]).logits[0]
-            made[shape] = Reference(load_checkpoint(folder, progress=False), tokens, logits, model)
+            checkpoint = load_checkpoint(folder, progress=False)  # numpy arrays; the stages take torch tensors
+            tensors = {name: torch.from_numpy(array) for name, array in checkpoint.tensors.items()}
+            made[shape] = Reference(dataclasses.replace(checkpoint, tensors=tensors), tokens, logits, model)
         return made[shape]
 
     return get

@@ -3,7 +3,9 @@
 The checkpoints are built with numpy and safetensors only (float32, float16 and bfloat16 sources, values from
 integer hashing plus float16 edge cases: ties, subnormals, the largest finite value), sharded into 1, 2 and 3
 float16 and float32 shards. tests/vectors/shard_bytes.json was recorded from the torch sharder (commit 925d3a6)
-before it moved to numpy; the sharder must keep writing exactly these bytes. Re-record
+before it moved to numpy; the sharder must keep writing exactly these bytes. The random-weights cases were
+recorded again after that move: the fallback now draws from numpy's PCG64, not torch's generator (whose
+normal_ picks a vectorised or a scalar kernel by CPU, so its bytes were never portable). Re-record
 (`python -m tests.unit.test_shard_bytes`) only for a deliberate format change, and say so in the commit.
 """
 

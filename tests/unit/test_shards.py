@@ -8,10 +8,11 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.numpy import save_file
 
 from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from services.common.gpt2.checkpoint import Checkpoint, load_checkpoint, stage_tensor_names
@@ -67,8 +68,8 @@ def test_round_trip_keeps_every_tensor(checkpoint: Checkpoint, written, dtype: s
         tensors = read_shard(out / f"{manifest.shard_id}.json")
         assert list(tensors) == stage_tensor_names(checkpoint.config, start, end)
         for name, tensor in tensors.items():
-            assert tensor.dtype == getattr(torch, dtype)
-            assert torch.equal(tensor, checkpoint.tensors[name].to(tensor.dtype)), name
+            assert isinstance(tensor, np.ndarray) and tensor.dtype == np.dtype(dtype)
+            assert np.array_equal(tensor, checkpoint.tensors[name].astype(tensor.dtype)), name
 
 
 def test_manifest_describes_the_file(checkpoint: Checkpoint, written) -> None:
@@ -112,6 +113,11 @@ def test_index_lists_the_folder_shards(checkpoint: Checkpoint, tmp_path: Path) -
     assert not list(tmp_path.glob("someone*"))
 
 
+def as_torch(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """What the native node does with read_shard's arrays: wrap them, no copy."""
+    return {name: torch.from_numpy(array) for name, array in arrays.items()}
+
+
 def run_pipeline(stages: list[GPT2Stage], tokens: torch.Tensor) -> torch.Tensor:
     activations = tokens
     for stage in stages:
@@ -123,7 +129,7 @@ def run_pipeline(stages: list[GPT2Stage], tokens: torch.Tensor) -> torch.Tensor:
 def test_stages_built_from_shards_match_the_reference(checkpoint_dir, written, dtype, tolerance) -> None:
     out, manifests = written[dtype]
     stages = [
-        GPT2Stage.from_tensors(m.config, m.layer_start, m.layer_end, read_shard(m, out), dtype=torch.float32)
+        GPT2Stage.from_tensors(m.config, m.layer_start, m.layer_end, as_torch(read_shard(m, out)), dtype=torch.float32)
         for m in manifests
     ]
     tokens = torch.tensor([5, 17, 42, 3, 96, 0, 11])
@@ -185,17 +191,18 @@ def test_file_that_disagrees_with_its_manifest_is_data_loss(checkpoint: Checkpoi
     path = out / manifest.file
     tensors = read_shard(manifest, out)
     del tensors["ln_f.bias"]
-    save_file(tensors, path)  # a valid safetensors file, one tensor short
+    save_file(tensors, str(path))  # a valid safetensors file, one tensor short
     data = path.read_bytes()
     forged = dataclasses.replace(manifest, byte_size=len(data), sha256=hashlib.sha256(data).hexdigest())
     with pytest.raises(DataLoss, match=r"ln_f\.bias"):
         read_shard(forged, out)
     # Files from the safetensors library itself (other tensor order, header) read fine.
-    tensors = {name: checkpoint.tensors[name].float() for name in stage_tensor_names(checkpoint.config, 1, 3)}
-    save_file(tensors, path)
+    names = stage_tensor_names(checkpoint.config, 1, 3)
+    tensors = {name: checkpoint.tensors[name].astype(np.float32) for name in names}
+    save_file(tensors, str(path))
     data = path.read_bytes()
     forged = dataclasses.replace(manifest, byte_size=len(data), sha256=hashlib.sha256(data).hexdigest())
-    assert all(torch.equal(read_shard(forged, out)[n], t) for n, t in tensors.items())
+    assert all(np.array_equal(read_shard(forged, out)[n], t) for n, t in tensors.items())
 
 
 TAMPERINGS = {
@@ -257,7 +264,7 @@ def test_failed_commit_leaves_no_file(checkpoint: Checkpoint, tmp_path: Path, mo
 
 def test_failure_while_writing_data_leaves_no_file(checkpoint: Checkpoint, tmp_path: Path) -> None:
     tensors = dict(checkpoint.tensors)
-    tensors["h.1.mlp.c_fc.bias"] = torch.full_like(tensors["h.1.mlp.c_fc.bias"], 1e6)
+    tensors["h.1.mlp.c_fc.bias"] = np.full_like(tensors["h.1.mlp.c_fc.bias"], 1e6)
     huge = dataclasses.replace(checkpoint, tensors=tensors)
     with pytest.raises(InvalidArgument, match="overflows float16; shard as float32"):
         write_shards(huge, RANGES, tmp_path, progress=False)
@@ -275,7 +282,7 @@ def test_bad_write_arguments(checkpoint: Checkpoint, tmp_path: Path) -> None:
     tensors = {k: v for k, v in checkpoint.tensors.items() if k != "h.0.attn.c_proj.weight"}
     with pytest.raises(InvalidArgument, match=r"h\.0\.attn\.c_proj\.weight"):
         write_shard(dataclasses.replace(checkpoint, tensors=tensors), 0, 1, tmp_path)
-    tensors["h.0.attn.c_proj.weight"] = torch.zeros(32, 31)
+    tensors["h.0.attn.c_proj.weight"] = np.zeros((32, 31), np.float32)
     with pytest.raises(InvalidArgument, match=r"expected shape \[32, 32\]"):
         write_shard(dataclasses.replace(checkpoint, tensors=tensors), 0, 1, tmp_path)
     assert not any(tmp_path.iterdir())

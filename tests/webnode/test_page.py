@@ -117,7 +117,7 @@ async def assign_and_wait(page: NodePage, gateway: RunningGateway, node: str, as
 def reference_stage(sharder: Sharder, assignment: sharder_pb2.Assignment) -> GPT2Stage:
     """GPT2Stage in float32 on the shard's own (f16-rounded) weights."""
     manifest = sharder.catalog.manifest(assignment.shard_id)
-    tensors = read_shard(manifest, sharder.catalog.folder)
+    tensors = {name: torch.from_numpy(array) for name, array in read_shard(manifest, sharder.catalog.folder).items()}
     return GPT2Stage.from_tensors(manifest.config, manifest.layer_start, manifest.layer_end, tensors)
 
 

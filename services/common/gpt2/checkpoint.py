@@ -1,4 +1,7 @@
-"""Loading a Hugging Face GPT-2 checkpoint (local folder or hub name) into validated canonical tensors."""
+"""Loading a Hugging Face GPT-2 checkpoint (local folder or hub name) into validated canonical numpy arrays.
+
+No torch: the control plane (sharder, router, gateway) runs without it. bfloat16 weights are widened to float32.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +10,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+import numpy as np
 
 from services.common.errors import DataLoss, InvalidArgument, NotFound, Unavailable
+from services.common.gpt2 import safetensors_file
 from services.common.gpt2.config import GPT2Config
 
 CONFIG_FILE = "config.json"
@@ -22,7 +24,9 @@ HF_PREFIX = "transformer."
 TIED_HEAD_NAME = "lm_head.weight"
 # Causal-mask buffers some exporters store with the weights; they are not parameters.
 BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# What the weights may be stored as; bfloat16 arrives here already widened to float32 (numpy has none).
+SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+CHUNK_ELEMENTS = 1 << 20  # finiteness is checked in chunks, so temporaries stay small next to a 154 MB embedding
 # A hub repo id: "name" or "namespace/name" (letters, digits, '-', '_', '.'), not starting with '.'.
 HUB_NAME = re.compile(r"^[\w\-][\w\-.]*(/[\w\-][\w\-.]*)?$")
 
@@ -32,13 +36,14 @@ class Checkpoint:
     """A GPT-2 model in memory: its config and every parameter under its canonical name.
 
     Names drop the Hugging Face "transformer." prefix; weights keep the Conv1D layout
-    (c_attn.weight is (n_embd, 3 * n_embd), y = x @ W + b) and the dtype stored in the file.
-    lm_head.weight is not kept: GPT-2 ties it to wte.weight.
+    (c_attn.weight is (n_embd, 3 * n_embd), y = x @ W + b) and the dtype stored in the file (float32 or
+    float16; bfloat16 is widened to float32). lm_head.weight is not kept: GPT-2 ties it to wte.weight.
+    The native node turns arrays into torch tensors with torch.from_numpy (no copy).
     """
 
     model_id: str  # the hub name, or the local folder's name
     config: GPT2Config
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, np.ndarray]
 
 
 def layer_tensor_names(config: GPT2Config, layer: int) -> list[str]:
@@ -177,20 +182,20 @@ def _read_config(path: Path) -> dict:
         raise DataLoss(f"{path} is not valid JSON: {error}") from error
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise NotFound(f"{path} does not exist; a checkpoint folder needs {CONFIG_FILE} and {WEIGHTS_FILE}")
     try:
-        return load_file(path)
-    except SafetensorError as error:
+        return safetensors_file.parse(safetensors_file.read_file(path), path)
+    except DataLoss as error:
         raise DataLoss(f"{path} is truncated or corrupt: {error}") from error
 
 
-def _canonical_tensors(raw: dict[str, torch.Tensor], config: GPT2Config) -> dict[str, torch.Tensor]:
+def _canonical_tensors(raw: dict[str, np.ndarray], config: GPT2Config) -> dict[str, np.ndarray]:
     """Strip the prefix, drop buffers and the tied head, and check every name, shape and dtype."""
     shapes = expected_shapes(config)
-    tensors: dict[str, torch.Tensor] = {}
-    head: torch.Tensor | None = None
+    tensors: dict[str, np.ndarray] = {}
+    head: np.ndarray | None = None
     for stored_name, tensor in raw.items():
         name = stored_name.removeprefix(HF_PREFIX)
         if name.endswith(BUFFER_SUFFIXES):
@@ -207,17 +212,23 @@ def _canonical_tensors(raw: dict[str, torch.Tensor], config: GPT2Config) -> dict
         if name not in tensors:
             raise InvalidArgument(f"checkpoint is missing tensor {name!r} (expected shape {list(shape)})")
         _check_tensor(name, tensors[name], shape)
-    if head is not None and not torch.equal(head, tensors["wte.weight"]):
+    if head is not None and not np.array_equal(head, tensors["wte.weight"]):
         raise InvalidArgument(
             f"{TIED_HEAD_NAME} differs from wte.weight; GPT-2 ties the LM head to the token embedding"
         )
     return {name: tensors[name] for name in shapes}
 
 
-def _check_tensor(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+def _check_tensor(name: str, tensor: np.ndarray, shape: tuple[int, ...]) -> None:
     if tuple(tensor.shape) != shape:
         raise InvalidArgument(f"tensor {name!r} has shape {list(tensor.shape)}, expected {list(shape)}")
     if tensor.dtype not in SUPPORTED_DTYPES:
         raise InvalidArgument(f"tensor {name!r} has dtype {tensor.dtype}; expected float32, float16 or bfloat16")
-    if not torch.isfinite(tensor).all():
+    if not all_finite(tensor):
         raise DataLoss(f"tensor {name!r} holds NaN or infinite values")
+
+
+def all_finite(tensor: np.ndarray) -> bool:
+    """No NaN or infinity, checked in chunks of CHUNK_ELEMENTS."""
+    flat = tensor.reshape(-1)
+    return all(bool(np.isfinite(flat[i : i + CHUNK_ELEMENTS]).all()) for i in range(0, flat.size, CHUNK_ELEMENTS))
