@@ -24,6 +24,7 @@ from services.wire import control, syn1
 log = logging.getLogger(__name__)
 
 WS_PATH = "/ws"
+HEALTH_PATH = "/healthz"  # the load balancer's health check: 200 while this endpoint serves
 HELLO_TIMEOUT_S = 10.0
 CLOSE_POLICY = 1008  # malformed or unexpected message: this connection only
 _TYPES = {
@@ -39,6 +40,8 @@ def static_response(root: Path, request: Request) -> Response | None:
     path = request.path.split("?", 1)[0]
     if path == WS_PATH and "upgrade" in request.headers.get("Connection", "").lower():
         return None
+    if path == HEALTH_PATH:
+        return _response(http.HTTPStatus.OK, b"ok\n", "text/plain")
     relative = "index.html" if path in ("", "/") else path.lstrip("/")
     target = (root / relative).resolve()
     if not target.is_relative_to(root.resolve()) or not target.is_file():

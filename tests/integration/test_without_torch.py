@@ -29,7 +29,7 @@ from services.common.pb import (
     tokenizer_pb2,
     tokenizer_pb2_grpc,
 )
-from services.launcher import Stack
+from services.launcher import Stack, free_port
 from tests.unit.test_shard_bytes import make_checkpoint
 
 BLOCKER = '''"""Test fixture: make `import torch` fail in this interpreter, as on a machine without it."""
@@ -95,6 +95,21 @@ def test_every_control_plane_service_serves_without_torch(stack: Stack) -> None:
         assert response.status == 200 and b"<html" in response.read().lower()
     for process in stack.processes:
         assert process.popen.poll() is None, f"{process.name} exited:\n{process.tail()}"
+
+
+def test_the_container_health_check_without_torch(stack: Stack, torchless_env: dict[str, str]) -> None:
+    def healthcheck(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "services.common.healthcheck", *args, "--timeout", "5"]
+        return subprocess.run(command, env={**os.environ, **torchless_env}, capture_output=True, text=True)
+
+    for process in stack.processes:
+        result = healthcheck(process.grpc_address)
+        assert result.returncode == 0 and "healthy" in result.stdout and "SERVING" in result.stdout, result
+    ws_port = stack.gateway_ports[0][1]
+    assert healthcheck("--http", f"http://127.0.0.1:{ws_port}/healthz").returncode == 0
+    assert healthcheck("--http", f"http://127.0.0.1:{ws_port}/no-such-page").returncode == 1
+    closed = healthcheck(f"127.0.0.1:{free_port()}")
+    assert closed.returncode == 1 and closed.stdout.startswith("unhealthy") and "UNAVAILABLE" in closed.stdout
 
 
 def test_the_sharder_plans_and_serves_shards_without_torch(stack: Stack) -> None:
