@@ -34,6 +34,7 @@ class Hub:
         self.connections[connection.node_id] = connection
         await self.registry.put(connection.record)
         metrics.NODES_ONLINE.labels(connection.record.kind).inc()
+        metrics.NODES_BY_DEVICE.labels(connection.record.kind, connection.record.device).inc()
         metrics.NODE_EVENTS.labels("joined").inc()
         log.info(
             "node_joined",
@@ -56,6 +57,7 @@ class Hub:
             del self.connections[connection.node_id]
             await self.update(connection, state="gone")
         metrics.NODES_ONLINE.labels(connection.record.kind).dec()
+        metrics.NODES_BY_DEVICE.labels(connection.record.kind, connection.record.device).dec()
         log.info("node_left", extra={"node": connection.node_id, "why": why})
 
     async def assign(self, request: gateway_pb2.AssignShardRequest, assign_text: str) -> None:
@@ -131,6 +133,7 @@ class Hub:
             )
         started = time.perf_counter()
         reply = await connection.step(message, self.step_timeout_s)
+        metrics.NODE_COMPUTE.labels(stage.node_id).observe(reply.compute_ms / 1e3)
         round_trip_s = reply.received_at - started
         tokens = syn1.message_rows(message)
         self._observe(reply, round_trip_s, gateway_serialize_s, len(message), tokens)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, Summary
 
 from services.common.metrics import LATENCY_BUCKETS_S
 
 BYTES_BUCKETS = (64, 128, 256, 512, 1024, 1600, 2048, 4096, 16384, 65536, 262144, 1048576)
 
 NODES_ONLINE = Gauge("synapse_gateway_nodes_online", "Nodes connected to this gateway, by kind.", ["kind"])
+NODES_BY_DEVICE = Gauge(
+    "synapse_gateway_nodes_online_by_device",
+    "Nodes connected to this gateway, by kind and device (what the node reported in its hello).",
+    ["kind", "device"],
+)
 NODE_EVENTS = Counter("synapse_gateway_node_events_total", "Node joins, readiness and departures, by event.", ["event"])
 HOP_ROUND_TRIP = Histogram(
     "synapse_gateway_hop_round_trip_seconds",
@@ -19,6 +24,11 @@ HOP_COMPUTE = Histogram(
     "synapse_gateway_hop_compute_seconds",
     "Node-reported forward time of one step, seconds.",
     buckets=LATENCY_BUCKETS_S,
+)
+# Sum and count only (no quantiles): one pair of series per node id this gateway has served, for the dashboards'
+# compute time per node (rate of the sum over rate of the count).
+NODE_COMPUTE = Summary(
+    "synapse_gateway_node_compute_seconds", "Node-reported forward time of one step, by node, seconds.", ["node"]
 )
 HOP_OVERHEAD = Histogram(
     "synapse_gateway_hop_overhead_seconds",

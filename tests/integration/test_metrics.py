@@ -71,6 +71,7 @@ async def test_gateway_metrics_after_real_traffic() -> None:
         online = Delta(before, await scrape(port))
         assert online("synapse_gateway_nodes_online", kind="web") == 1
         assert online("synapse_gateway_nodes_online", kind="native") == 1
+        assert online("synapse_gateway_nodes_online_by_device", kind="web", device="cpu") == 1
         assert online("synapse_gateway_node_events_total", event="joined") == 2
 
         async with run_client(gateway) as client:
@@ -90,6 +91,8 @@ async def test_gateway_metrics_after_real_traffic() -> None:
     assert delta("synapse_gateway_hop_round_trip_seconds_count") == hops
     assert 0 < delta("synapse_gateway_hop_round_trip_seconds_sum") < 5
     assert delta("synapse_gateway_hop_compute_seconds_sum") == pytest.approx(hops * compute_s)
+    assert delta("synapse_gateway_node_compute_seconds_count", node="metrics-last") == 2  # both steps end there
+    assert delta("synapse_gateway_node_compute_seconds_sum", node="metrics-first") == pytest.approx(compute_s)
     for part in ("serialize", "queue", "network"):
         assert delta("synapse_gateway_hop_overhead_seconds_count", part=part) == hops
     assert delta("synapse_gateway_hop_overhead_seconds_sum", part="queue") == pytest.approx(hops * queue_s)
@@ -107,6 +110,7 @@ async def test_gateway_metrics_after_real_traffic() -> None:
     assert delta("synapse_gateway_steps_total", outcome="ok") == 2
     assert delta("synapse_gateway_nodes_online", kind="web") == 0
     assert delta("synapse_gateway_nodes_online", kind="native") == 0
+    assert delta("synapse_gateway_nodes_online_by_device", kind="native", device="cpu") == 0
     assert delta("synapse_gateway_node_events_total", event="gone") == 2
     handled = "synapse_grpc_server_handled_total"
     assert delta(handled, service="gateway", method="AssignShard", code="OK") == 1
