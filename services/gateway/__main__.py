@@ -11,17 +11,17 @@ from services.common.metrics import start_metrics_server
 from services.common.pb import gateway_pb2, gateway_pb2_grpc
 from services.common.server import GrpcServer, run_until_signal
 from services.gateway.hub import Hub
-from services.gateway.registry import MemoryRegistry
+from services.gateway.registry import MemoryRegistry, Registry
 from services.gateway.servicer import GatewayServicer
 from services.gateway.settings import GatewaySettings
 from services.gateway.websocket_server import NodeEndpoint
 
 
-def make_registry(settings: GatewaySettings) -> MemoryRegistry:
+def make_registry(settings: GatewaySettings) -> Registry:
     if settings.redis_url:
         from services.gateway.redis_registry import RedisRegistry
 
-        return RedisRegistry(settings.redis_url)  # type: ignore[return-value]
+        return RedisRegistry(settings.redis_url)
     return MemoryRegistry()
 
 

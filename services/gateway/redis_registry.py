@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator
 import redis.asyncio as redis
 
 from services.common.errors import Unavailable
-from services.gateway.registry import EVENTS_CHANNEL, GATEWAY_KEY, NODES_KEY, NodeRecord
+from services.common.nodes import NodeRecord
+from services.gateway.registry import EVENTS_CHANNEL, GATEWAY_KEY, NODES_KEY
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,47 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from services.sampler.sampling import Candidates, RequestSampler, SampleResult
+from services.common.errors import InvalidArgument
+from services.common.gpt2.config import GPT2Config
+from services.sampler.sampling import Candidates, RequestSampler, SampleResult, SamplingParams
 from services.tokenizer.tokenization import IncrementalDecoder
 
 FINISH_LENGTH, FINISH_EOS, FINISH_STOP = "length", "eos", "stop"
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    """What a caller asked for, before tokenizing. Exactly one of prompt and prompt_ids is set."""
+
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int] | None
+    max_tokens: int  # 0 = the server's default
+    stop: tuple[str, ...]
+    ignore_eos: bool
+    sampling: SamplingParams
+
+    def validate(self, max_tokens_limit: int) -> None:
+        """Raises InvalidArgument naming the first field out of range and its limit."""
+        if self.max_tokens > max_tokens_limit:
+            raise InvalidArgument(f"max_tokens {self.max_tokens} is above the limit {max_tokens_limit}")
+        if len(self.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise InvalidArgument(f"stop: at most {MAX_STOP_STRINGS} non-empty strings of <= {MAX_STOP_CHARS} chars")
+        self.sampling.validate()
+
+
+def check_prompt(prompt_ids: list[int], max_tokens: int, config: GPT2Config) -> None:
+    """The tokenized prompt fits the model: ids inside the vocabulary, prompt + output inside the context."""
+    if not prompt_ids:
+        raise InvalidArgument("the prompt is empty: send prompt text or prompt_token_ids")
+    if any(token >= config.vocab_size for token in prompt_ids):
+        raise InvalidArgument(f"prompt_token_ids must be < vocab_size {config.vocab_size}")
+    if len(prompt_ids) + max_tokens > config.n_positions:
+        raise InvalidArgument(
+            f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
+            f"model's context of {config.n_positions} tokens; shorten one"
+        )
 
 
 @dataclass
