@@ -11,10 +11,6 @@ from services.common.nodes import NodeRecord
 
 log = logging.getLogger(__name__)
 
-NODES_KEY = "synapse:nodes"
-EVENTS_CHANNEL = "synapse:node-events"
-GATEWAY_KEY = "synapse:gateway:{}"
-
 
 class Registry(Protocol):
     """Where a gateway puts its nodes' records and every watcher reads them: memory or Redis."""

@@ -189,7 +189,7 @@ class Scheduler:
     async def _step_failed(self, batch: list[Generation], error: StepFailed) -> None:
         log.warning("step_failed", extra={"node": error.node_id, "error": str(error), "requests": len(batch)})
         if error.node_id and error.node_gone:
-            self.engine.cluster.route_around(error.node_id)
+            await self.engine.cluster.route_around(error.node_id)
         for generation in batch:
             if generation in self.requests:
                 self.requests.remove(generation)
