@@ -11,7 +11,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from services.common.errors import DeadlineExceeded, Unavailable
+from services.common.errors import DeadlineExceeded, Internal, SynapseError, Unavailable
 from services.router import metrics
 from services.router.cluster import Cluster
 from services.router.requests import Generation, TokenEvent, candidates_of
@@ -131,18 +131,28 @@ class Scheduler:
             log.error("step_crashed", exc_info=task.exception())
 
     async def _step(self, batch: list[Generation]) -> None:
-        """Build the step, run it through the pipeline's entry gateway, apply what came back."""
-        batch = await self._drop_expired(batch)
-        if not batch:
-            return
-        step = Step(self.route, tokens=tuple(TokenInput(g.wire_id, g.position, g.pending) for g in batch))
-        started = time.perf_counter()
+        """Build the step, run it through the pipeline's entry gateway, apply what came back.
+
+        Whatever goes wrong ends each request of the batch one way: replayed elsewhere (StepFailed) or
+        failed with the error. A request is never left to be stepped again as if nothing happened: that
+        would spin this loop.
+        """
         try:
-            result = await self.gateway.step(step, self.engine.settings.step_timeout_s)
-        except StepFailed as error:
-            await self._step_failed(self._still_here(batch), error)
-            return
-        await self._apply(self._still_here(batch), result, time.perf_counter() - started)
+            batch = await self._drop_expired(batch)
+            if not batch:
+                return
+            step = Step(self.route, tokens=tuple(TokenInput(g.wire_id, g.position, g.pending) for g in batch))
+            started = time.perf_counter()
+            try:
+                result = await self.gateway.step(step, self.engine.settings.step_timeout_s)
+            except StepFailed as error:
+                await self._step_failed(self._still_here(batch), error)
+                return
+            await self._apply(self._still_here(batch), result, time.perf_counter() - started)
+        except Exception as error:  # a bug or a malformed result: fail the batch loudly, never retry it
+            log.exception("step_crashed", extra={"requests": len(batch)})
+            for generation in batch:
+                await self._fail(generation, error if isinstance(error, SynapseError) else Internal(repr(error)))
 
     async def _drop_expired(self, batch: list[Generation]) -> list[Generation]:
         now = time.monotonic()
@@ -173,7 +183,12 @@ class Scheduler:
                 continue
             if generation.position == 0 and not generation.generated:
                 metrics.TOKENS.labels("prompt").inc(len(generation.pending))
-            event = generation.accept(candidates_of(frame.array[-1], frame.token_ids[-1]), compute_ms)
+            try:
+                event = generation.accept(candidates_of(frame), compute_ms)
+            except SynapseError as error:  # e.g. the sampler refusing what came back: this request only
+                log.warning("sample_failed", extra={"request_id": generation.request_id, "error": str(error)})
+                await self._fail(generation, error)
+                continue
             metrics.TOKENS.labels("generated").inc()
             self._emit(generation, event)
             if generation.done:
@@ -193,15 +208,26 @@ class Scheduler:
         for generation in batch:
             if generation in self.requests:
                 self.requests.remove(generation)
-                await self._failover(generation, str(error))
+                background(self._failover(generation, str(error)), self.engine.background)
 
     async def _failover(self, generation: Generation, why: str) -> None:
-        """Replay the request's tokens on a (new) pipeline so its caches are rebuilt; the stream goes on."""
+        """Replay the request's tokens on a (new) pipeline so its caches are rebuilt; the stream goes on.
+
+        Each replay of the same request waits longer (50 ms doubling, at most 2 s), so a fault the cluster
+        has not noticed yet (a gateway that died, say) costs a few quick retries, not a busy loop; past
+        SYNAPSE_ROUTER_MAX_FAILOVERS replays the request ends UNAVAILABLE.
+        """
+        settings = self.engine.settings
         generation.rewind()
         metrics.FAILOVERS.inc()
         log.info("request_failover", extra={"request_id": generation.request_id, "why": why})
+        if generation.failovers > settings.max_failovers:
+            message = f"gave up after {settings.max_failovers} replays; the last failure: {why}"
+            await self._fail(generation, Unavailable(message))
+            return
+        await asyncio.sleep(min(2.0, 0.05 * 2 ** (generation.failovers - 1)) if generation.failovers > 1 else 0)
         try:
-            await self.engine.submit(generation, self.engine.settings.failover_wait_s)
+            await self.engine.submit(generation, settings.failover_wait_s)
         except Unavailable as error:
             await self._fail(generation, error)
 

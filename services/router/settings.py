@@ -51,8 +51,23 @@ class RouterSettings(ServiceSettings):
     failover_wait_s: float = Field(
         120.0, ge=0, description="How long a request whose node failed waits for a new pipeline (re-plan, shard load)."
     )
+    max_failovers: int = Field(
+        16, ge=0, description="Most replays of one request before it ends UNAVAILABLE (each waits longer)."
+    )
     replan_settle_s: float = Field(
         1.0, ge=0, description="Membership must be unchanged this long before a re-plan (no storms on churn)."
     )
     step_timeout_s: float = Field(60.0, gt=0, description="Longest one pipeline step may take.")
+    max_prompt_chars: int = Field(
+        100_000, gt=0, description="Longest prompt text accepted, in characters (checked before tokenizing)."
+    )
+    max_streams_per_client: int = Field(
+        64, gt=0, description="Concurrent Generate streams one client (API token, else address) may hold."
+    )
+    api_tokens: list[str] = Field(
+        default_factory=list,
+        description="Bearer tokens the public API accepts, JSON list; empty = no token needed. Health stays open.",
+    )
+    tls_cert: Path | None = Field(None, description="PEM certificate; with tls_key the public API serves TLS.")
+    tls_key: Path | None = Field(None, description="PEM private key for tls_cert.")
     call_timeout_s: float = Field(10.0, gt=0, description="Deadline of unary calls to the other services.")
