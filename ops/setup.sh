@@ -12,6 +12,11 @@ declare -A APT_PACKAGES=(
     [nodejs]=/usr/bin/node
     # Mesa's Vulkan driver (lavapipe): wgpu-py gets an adapter with shader-f16 for the f16 kernel tests.
     [mesa-vulkan-drivers]=/usr/share/vulkan/icd.d/lvp_icd.x86_64.json
+    # The deployment tests (tests/deploy/): a base image without a registry (debootstrap), promtool for the
+    # Prometheus config and alert rules, haproxy to check the load balancer's config.
+    [debootstrap]=/usr/sbin/debootstrap
+    [prometheus]=/usr/bin/promtool
+    [haproxy]=/usr/sbin/haproxy
 )
 
 missing=()
@@ -21,6 +26,10 @@ for package in "${!APT_PACKAGES[@]}"; do
     if [[ $package == nodejs ]] && command -v node >/dev/null; then continue; fi
     [[ -e $path ]] || missing+=("$package")
 done
+# Compose for the deployment tests, where Docker is installed: the v2 plugin if present, else Debian's 1.29.
+if command -v docker >/dev/null && ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null; then
+    missing+=(docker-compose)
+fi
 if ((${#missing[@]})); then
     sudo=""
     [[ $(id -u) -eq 0 ]] || sudo="sudo"
