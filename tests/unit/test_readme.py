@@ -38,3 +38,12 @@ def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[s
     assert exit_info.value.code == 0
     assert command in capsys.readouterr().out
     assert f"`synapse {command}" in README, f"README's command table misses synapse {command}"
+
+
+def test_readme_links_stay_inside_the_repository_and_exist() -> None:
+    for target in re.findall(r"\]\(([^)\s]+)\)", README):
+        if target.startswith(("http://", "https://", "#")):
+            continue
+        path = (ROOT / target.split("#", 1)[0]).resolve()
+        assert path.is_relative_to(ROOT), f"README links outside the repository: {target}"
+        assert path.exists(), f"README links to a missing file: {target}"
