@@ -82,6 +82,31 @@ def has_finite_value(series: dict) -> bool:
     return any(math.isfinite(float(value)) for _, value in series["values"])
 
 
+def readable_checkpoint() -> tuple[Path, Path]:
+    """(folder to delete afterwards, checkpoint): a random GPT-2 that the sharder (uid 10001) can read through a
+    bind mount, so outside pytest's private temporary folders."""
+    root = Path(tempfile.mkdtemp(prefix="synapse-deploy-"))
+    root.chmod(0o755)
+    checkpoint = make_random_checkpoint(root / "tiny-gpt2", seed=7, **SHAPE)
+    for path in [checkpoint, *checkpoint.iterdir()]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return root, checkpoint
+
+
+def compose_env(images_env: dict[str, str], ports: dict[str, int], checkpoint: Path) -> dict[str, str]:
+    """The compose file's variables for the test: local images, loopback ports of its own, float32 end to end."""
+    return {
+        **images_env,
+        "SYNAPSE_PUBLISH_ADDRESS": "127.0.0.1",
+        "SYNAPSE_GENERATE_PORT": str(ports["generate"]),
+        "SYNAPSE_HTTPS_PORT": str(ports["https"]),
+        "SYNAPSE_PROMETHEUS_PORT": str(ports["prometheus"]),
+        "SYNAPSE_SHARD_DTYPE": "float32",  # exact greedy tokens, as tests/e2e runs
+        "SYNAPSE_ACTIVATION_DTYPE": "float32",
+        "SYNAPSE_TEST_MODEL_DIR": str(checkpoint),
+    }
+
+
 @pytest.fixture(scope="module")
 def deployment(request: pytest.FixtureRequest) -> Iterator[Deployment]:
     reason = engine_missing()
@@ -91,25 +116,11 @@ def deployment(request: pytest.FixtureRequest) -> Iterator[Deployment]:
     timings: dict[str, float] = {}
     started = time.perf_counter()
     images = build_images(timings)
-    # The sharder (uid 10001) reads the checkpoint through a bind mount: a folder every user may read.
-    model_root = Path(tempfile.mkdtemp(prefix="synapse-deploy-"))
-    model_root.chmod(0o755)
-    checkpoint = make_random_checkpoint(model_root / "tiny-gpt2", seed=7, **SHAPE)
-    for path in [checkpoint, *checkpoint.iterdir()]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    model_root, checkpoint = readable_checkpoint()
     ports = {name: free_port() for name in ("generate", "https", "prometheus")}
-    env = {
-        **images.compose_env(),
-        "SYNAPSE_PUBLISH_ADDRESS": "127.0.0.1",
-        "SYNAPSE_GENERATE_PORT": str(ports["generate"]),
-        "SYNAPSE_HTTPS_PORT": str(ports["https"]),
-        "SYNAPSE_PROMETHEUS_PORT": str(ports["prometheus"]),
-        "SYNAPSE_SHARD_DTYPE": "float32",  # exact greedy tokens, as tests/e2e runs
-        "SYNAPSE_ACTIVATION_DTYPE": "float32",
-        "SYNAPSE_TEST_MODEL_DIR": str(checkpoint),
-    }
-    compose = Compose(f"synapse-test-{uuid.uuid4().hex[:8]}", env, [REPO / "docker-compose.yml"])
-    compose.files.append(REPO / "tests" / "deploy" / "compose.test.yml")
+    files = [REPO / "docker-compose.yml", REPO / "tests" / "deploy" / "compose.test.yml"]
+    env = compose_env(images.compose_env(), ports, checkpoint)
+    compose = Compose(f"synapse-test-{uuid.uuid4().hex[:8]}", env, files)
     deployment = Deployment(
         compose,
         router_address=f"127.0.0.1:{ports['generate']}",
