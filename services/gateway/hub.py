@@ -6,24 +6,37 @@ import logging
 import time
 
 from services.common.errors import Unavailable
+from services.common.gpt2.config import GPT2Config
 from services.common.nodes import NodeRecord
 from services.gateway import metrics
+from services.gateway.answers import Misbehaviour, StageShape, check_answer
 from services.gateway.nodes import NodeConnection, StepReply
 from services.gateway.registry import Registry
 from services.wire import syn1
-from services.wire.control import Assign, Hello, Release, dump
+from services.wire.control import Assign, GatewayError, Hello, Release, dump
 from services.wire.gateway_client import GatewayClients
 from services.wire.steps import Hop, Stage, Step, StepFailed, StepResult
 
 log = logging.getLogger(__name__)
 
 
+CLOSE_QUARANTINED = 4003  # WebSocket close code: the node answered for work it was not given
+
+
 class Hub:
-    def __init__(self, gateway_id: str, address: str, registry: Registry, step_timeout_s: float) -> None:
+    def __init__(
+        self,
+        gateway_id: str,
+        address: str,
+        registry: Registry,
+        step_timeout_s: float,
+        quarantine_s: tuple[float, float] = (30.0, 3600.0),
+    ) -> None:
         self.gateway_id = gateway_id
         self.address = address
         self.registry = registry
         self.step_timeout_s = step_timeout_s
+        self.quarantine_s = quarantine_s  # (first offense, longest) in seconds
         self.connections: dict[str, NodeConnection] = {}
         self.peers = GatewayClients()
 
@@ -56,12 +69,33 @@ class Hub:
         metrics.NODES_ONLINE.labels(connection.record.kind).dec()
         log.info("node_left", extra={"node": connection.node_id, "why": why})
 
-    async def assign(self, node_id: str, assign: Assign) -> None:
+    async def assign(self, node_id: str, assign: Assign, config: GPT2Config) -> None:
         connection = self.connections.get(node_id)
         if connection is None:
             raise Unavailable(f"node {node_id} is not connected to gateway {self.gateway_id}; re-plan without it")
+        connection.shape = StageShape(
+            n_embd=config.n_embd,
+            vocab_size=config.vocab_size,
+            is_last=assign.layers[1] == config.n_layer,
+            top_k=assign.top_k,
+            activation_dtype=syn1.ACTIVATION_DTYPES[assign.activation_dtype],
+        )
         await self.update(connection, state="loading", layers=assign.layers, shard_id=assign.shard_id)
         await connection.send_text(dump(assign))
+
+    async def refusal(self, node_id: str) -> str | None:
+        """Why a node with this id may not join now (it is quarantined), or None."""
+        return await self.registry.quarantined(node_id)
+
+    async def quarantine(self, connection: NodeConnection, reason: str, cause: str = "answer") -> None:
+        """Keep a node that lied out of every pipeline for a backoff: refused at hello on every gateway
+        sharing this registry until it ends (placement never sees it meanwhile)."""
+        seconds = await self.registry.quarantine(connection.node_id, reason, *self.quarantine_s)
+        metrics.QUARANTINES.labels(cause).inc()
+        log.warning("node_quarantined", extra={"node": connection.node_id, "seconds": seconds, "reason": reason})
+        why = f"quarantined for {seconds:.0f} s: {reason}"
+        await connection.send_text(dump(GatewayError(message=why[:4000])))
+        await connection.close(CLOSE_QUARANTINED, why)
 
     async def release(self, request_ids: list[int], node_ids: list[str]) -> None:
         text = dump(Release(request_ids=request_ids))
@@ -112,9 +146,16 @@ class Hub:
                 f"route expects layers {list(stage.layers)} but the node is {record.state} "
                 f"with {list(record.layers or ())}; a re-plan is under way",
             )
+        shape = connection.shape  # as assigned when the step went out: a later re-plan changes what is due
         started = time.perf_counter()
         reply = await connection.step(message, self.step_timeout_s)
         round_trip_s = reply.received_at - started
+        if shape is not None:
+            try:
+                check_answer(message, reply.frames, shape, connection.max_payload_bytes)
+            except (Misbehaviour, syn1.FrameError) as error:
+                await self.quarantine(connection, str(error))
+                raise StepFailed.gone(stage.node_id, f"quarantined: {error}") from None
         self._observe(reply, round_trip_s, gateway_serialize_s, len(message), syn1.message_rows(message))
         hops.append(
             Hop(

@@ -39,3 +39,9 @@ FRAMES_REJECTED = Counter(
     "Malformed node messages (connection closed), by kind.",
     ["kind"],
 )
+QUARANTINES = Counter(
+    "synapse_gateway_quarantines_total",
+    "Nodes kept out for a backoff, by cause: answer (for work not given, wrong shape, NaN/Inf) or "
+    "disagreement (a verification recomputed its step elsewhere and got other numbers).",
+    ["cause"],
+)

@@ -177,7 +177,7 @@ class Cluster:
                 activation_dtype=self.settings.activation_dtype,
             )
             await self.gateways.stub(node.gateway_address).AssignShard(
-                assign_to_pb(node.node_id, assign), timeout=self.settings.call_timeout_s
+                assign_to_pb(node.node_id, assign, self.config), timeout=self.settings.call_timeout_s
             )
 
     async def wait_for_pipeline(self, timeout_s: float) -> list[Pipeline]:

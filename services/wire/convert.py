@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from services.common.errors import InvalidArgument
+from services.common.gpt2.config import GPT2Config
+from services.common.model_config_pb import model_config_from_pb, model_config_to_pb
 from services.common.pb import common_pb2, gateway_pb2
 from services.wire.control import ActivationDType, Assign
 from services.wire.steps import Hop, Stage, Step, StepFailed, StepResult, TokenInput
@@ -96,7 +98,7 @@ def result_from_pb(response: gateway_pb2.StepResponse) -> StepResult:
     return StepResult(response.frames, hops)
 
 
-def assign_to_pb(node_id: str, assign: Assign) -> gateway_pb2.AssignShardRequest:
+def assign_to_pb(node_id: str, assign: Assign, config: GPT2Config) -> gateway_pb2.AssignShardRequest:
     return gateway_pb2.AssignShardRequest(
         node_id=node_id,
         shard_id=assign.shard_id,
@@ -107,11 +109,16 @@ def assign_to_pb(node_id: str, assign: Assign) -> gateway_pb2.AssignShardRequest
         size_bytes=assign.size_bytes,
         top_k=assign.top_k,
         activation_dtype=DTYPES[assign.activation_dtype],
+        config=model_config_to_pb(config),
     )
 
 
-def assign_from_pb(request: gateway_pb2.AssignShardRequest) -> tuple[str, Assign]:
-    """(node id, the assign message for it); an unknown activation dtype is INVALID_ARGUMENT."""
+def assign_from_pb(request: gateway_pb2.AssignShardRequest) -> tuple[str, Assign, GPT2Config]:
+    """(node id, the assign message for it, the model's shape); an unknown activation dtype or a missing
+    config is INVALID_ARGUMENT."""
+    if not request.HasField("config"):
+        raise InvalidArgument("config is required: the model's shape, which every answer of the node is checked by")
+    config = model_config_from_pb(request.config)
     dtype = DTYPE_NAMES.get(request.activation_dtype)
     if dtype is None:
         names = ", ".join(common_pb2.DType.Name(value) for value in DTYPES.values())
@@ -126,4 +133,5 @@ def assign_from_pb(request: gateway_pb2.AssignShardRequest) -> tuple[str, Assign
         top_k=request.top_k,
         activation_dtype=dtype,
     )
-    return request.node_id, assign
+    config.check_layer_range(*assign.layers)
+    return request.node_id, assign, config
