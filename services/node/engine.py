@@ -3,6 +3,7 @@ to one host array out."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -52,12 +53,11 @@ class StageEngine:
         """One step: token ids (N,) on the first stage, else activations (N, n_embd), in plan order."""
         graphs = self.graphs
         if graphs is not None and plan.max_query == 1 and plan.batch <= graphs.max_size:
-            output = graphs.run(plan.batch, lambda static: self._fill(static, plan, token_ids, activations))
-        else:
-            meta = plan.meta(torch.from_numpy(plan.ints(token_ids)).to(self.device))  # one host -> device copy
-            inputs = None if activations is None else torch.from_numpy(activations).to(self.device, self.dtype)
-            output = self._step(meta, inputs)
-        return output.cpu().numpy()  # the step's one device -> host copy; waits for the device
+            static, output = graphs.run(plan.batch, lambda static: self._fill(static, plan, token_ids, activations))
+            return self._to_host(static, output[: plan.batch])
+        meta = plan.meta(torch.from_numpy(plan.ints(token_ids)).to(self.device))  # one host -> device copy
+        inputs = None if activations is None else torch.from_numpy(activations).to(self.device, self.dtype)
+        return self._step(meta, inputs).cpu().numpy()  # the step's one device -> host copy; waits for the device
 
     @torch.inference_mode()
     def _step(self, meta: BatchMeta, activations: Tensor | None) -> Tensor:
@@ -69,33 +69,79 @@ class StageEngine:
         logits = self.stage.logits(hidden)  # (B, vocab)
         return ranked_top_k(logits, self.top_k) if self.top_k else logits.float()
 
-    def _static(self, size: int) -> StaticStep:
-        ints = torch.zeros(9 * size + 2, dtype=torch.int32, device=self.device)  # StepPlan.ints() of size x 1 token
-        activations = None
+    def _static(self, size: int) -> DecodeBuffers:
+        """Device buffers of one graph size, with pinned host copies, the ints laid out as an idle step."""
+        pinned = self.device.type == "cuda"
+        idle = StepPlan.of([], [], [], self.pool.max_positions).padded(size, self.pool.scratch_slot)
+        template = idle.ints()
+        host_ints = torch.from_numpy(template.copy()).pin_memory() if pinned else torch.from_numpy(template.copy())
+        ints = host_ints.to(self.device)
+        activations = host_activations = None
         if not self.stage.is_first:
-            activations = torch.zeros(size, self.stage.config.n_embd, dtype=self.dtype, device=self.device)
-        return StaticStep(size, ints, activations)
+            host_dtype = self.dtype if self.dtype in (torch.float16, torch.float32) else torch.float32
+            host_activations = torch.zeros(size, self.stage.config.n_embd, dtype=host_dtype, pin_memory=pinned)
+            activations = host_activations.to(self.device, self.dtype)
+        return DecodeBuffers(
+            size, ints, activations, template=template, host_ints=host_ints, host_activations=host_activations
+        )
 
-    def _graph_step(self, static: StaticStep, meta: BatchMeta) -> Tensor:
-        return self._step(meta, static.activations)
+    def _graph_step(self, static: DecodeBuffers) -> Tensor:
+        return self._step(static.plan.meta(static.ints), static.activations)
 
     def _fill(
-        self, static: StaticStep, plan: StepPlan, token_ids: np.ndarray | None, activations: np.ndarray | None
-    ) -> BatchMeta:
-        """Copy a decode step, padded to the static size, into the static buffers."""
-        padded = plan.padded(static.size, self.pool.scratch_slot)
-        static.ints.copy_(torch.from_numpy(padded.ints(token_ids)))
-        if static.activations is not None:
-            rows = np.zeros((static.size, activations.shape[1]), activations.dtype)
-            rows[: plan.batch] = activations
-            static.activations.copy_(torch.from_numpy(rows))
-        return padded.meta(static.ints)
+        self, static: DecodeBuffers, plan: StepPlan, token_ids: np.ndarray | None, activations: np.ndarray | None
+    ) -> None:
+        """Write a decode step over the idle layout (the rows past the batch stay padding), then copy it up.
 
-    def _fill_idle(self, static: StaticStep) -> BatchMeta:
+        Sections of StepPlan.ints() for `size` one-token requests: tokens, positions, kv rows, request,
+        offset, seqstart_q (size + 1), seqstart_k (size + 1), seqlen_k, last rows. Request, offset,
+        seqstart_q and last rows are the same for every decode step of this size."""
+        size, batch = static.size, plan.batch
+        ints = static.host_ints.numpy()
+        np.copyto(ints, static.template)
+        first_rows = plan.slots * plan.max_positions
+        if token_ids is not None:
+            ints[:batch] = token_ids
+        ints[size : size + batch] = plan.starts
+        ints[2 * size : 2 * size + batch] = first_rows + plan.starts
+        ints[6 * size + 1 : 6 * size + 1 + batch] = first_rows
+        ints[7 * size + 2 : 7 * size + 2 + batch] = plan.starts + 1
+        if static.ints is not static.host_ints:
+            static.ints.copy_(static.host_ints, non_blocking=True)  # pinned: the host copy is not touched until
+        if activations is not None:  # this step's output is back
+            rows = static.host_activations.numpy()
+            rows[:batch] = activations
+            rows[batch:] = 0
+            if static.activations is not static.host_activations:
+                static.activations.copy_(static.host_activations, non_blocking=True)
+        if self.graphs is None or not self.graphs.captured:
+            static.plan = plan.padded(size, self.pool.scratch_slot)  # an eager run reads its sizes from it
+
+    def _fill_idle(self, static: DecodeBuffers) -> None:
         """A step of padding only (every row in the scratch slot): what graphs are warmed up and captured with."""
-        empty = StepPlan.of([], [], [], self.pool.max_positions)
-        padded = empty.padded(static.size, self.pool.scratch_slot)
-        static.ints.copy_(torch.from_numpy(padded.ints()))
+        static.plan = StepPlan.of([], [], [], self.pool.max_positions).padded(static.size, self.pool.scratch_slot)
+        static.ints.copy_(torch.from_numpy(static.template))
         if static.activations is not None:
             static.activations.zero_()
-        return padded.meta(static.ints)
+
+    def _to_host(self, static: DecodeBuffers, output: Tensor) -> np.ndarray:
+        """The step's one device -> host copy, into pinned memory on CUDA; returns an array of its own."""
+        if output.device.type == "cpu":
+            return output.numpy()
+        if static.host_output is None:
+            shape = (static.size, *output.shape[1:])
+            static.host_output = torch.empty(shape, dtype=output.dtype, pin_memory=True)
+        host = static.host_output[: output.shape[0]]
+        host.copy_(output, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return host.numpy().copy()
+
+
+@dataclass
+class DecodeBuffers(StaticStep):
+    """A graph size's static buffers, and the host side they are filled from."""
+
+    template: np.ndarray | None = None  # StepPlan.ints() of an idle step of this size
+    host_ints: Tensor | None = None  # pinned on CUDA; the device buffer itself on the CPU
+    host_activations: Tensor | None = None
+    host_output: Tensor | None = None  # pinned, made at the first step

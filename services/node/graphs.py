@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from services.common.errors import InvalidArgument
-from services.common.gpt2.kv_pool import BatchMeta
+from services.common.gpt2.kv_pool import StepPlan
 
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64)
 WARMUP_RUNS = 2  # eager runs on a side stream before capture: lazy library set-up must not be captured
@@ -30,6 +30,7 @@ class StaticStep:
     size: int
     ints: Tensor  # a StepPlan.ints() array of `size` one-token requests, int32, on the device
     activations: Tensor | None  # (size, n_embd) inputs of a stage that is not the first
+    plan: StepPlan | None = None  # the padded plan last filled in: what an eager run reads its host sizes from
     output: Tensor | None = None  # what the captured step returned; replays overwrite it
 
 
@@ -45,8 +46,8 @@ class DecodeGraphs:
         self,
         sizes: Sequence[int],
         make_static: Callable[[int], StaticStep],
-        step: Callable[[StaticStep, BatchMeta], Tensor],
-        fill_idle: Callable[[StaticStep], BatchMeta],
+        step: Callable[[StaticStep], Tensor],
+        fill_idle: Callable[[StaticStep], None],
         *,
         capture: bool,
     ) -> None:
@@ -73,29 +74,28 @@ class DecodeGraphs:
             raise InvalidArgument(f"a decode graph batch must have 1 to {self.max_size} requests, got {batch}")
         return self.sizes[bisect.bisect_left(self.sizes, batch)]
 
-    def run(self, batch: int, fill: Callable[[StaticStep], BatchMeta]) -> Tensor:
-        """fill(static) copies the padded step into the static buffers; returns the step's first `batch` rows."""
+    def run(self, batch: int, fill: Callable[[StaticStep], None]) -> tuple[StaticStep, Tensor]:
+        """fill(static) copies the padded step into the static buffers; returns them and the step's output
+        (all `static.size` rows: the first `batch` are the requests')."""
         static = self.statics[self.size_for(batch)]
-        meta = fill(static)
+        fill(static)
         graph = self.graphs.get(static.size)
         if graph is None:
-            output = self.step(static, meta)
-        else:
-            graph.replay()
-            output = static.output
-        return output[:batch]
+            return static, self.step(static)
+        graph.replay()
+        return static, static.output
 
     def _capture(
-        self, static: StaticStep, fill_idle: Callable[[StaticStep], BatchMeta], memory: tuple[int, int]
+        self, static: StaticStep, fill_idle: Callable[[StaticStep], None], memory: tuple[int, int]
     ) -> torch.cuda.CUDAGraph:
-        meta = fill_idle(static)
+        fill_idle(static)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(WARMUP_RUNS):
-                self.step(static, meta)
+                self.step(static)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=memory):
-            static.output = self.step(static, meta)
+            static.output = self.step(static)
         return graph

@@ -113,6 +113,8 @@ class StageWorker:
     def submit(self, frames: list[syn1.Frame]) -> list[Job]:
         """Check the frames and queue their work (nothing is queued when one is bad); step() computes it."""
         inputs = [self._input(frame) for frame in frames]
+        if self.stage.is_first and frames:
+            self._check_token_ids(frames, inputs)
         with self._lock:
             busy = {job.frame.request_id for job in self._pending}
             for frame in frames:
@@ -210,10 +212,7 @@ class StageWorker:
         if self.stage.is_first:
             if frame.msg_type is not syn1.MessageType.TOKENS:
                 raise InvalidArgument(f"the first stage takes TOKENS frames, got {frame.msg_type.name}")
-            ids = frame.array[:, 0]
-            if ids.min() < 0 or ids.max() >= config.vocab_size:
-                raise InvalidArgument(f"request {frame.request_id}: token id outside [0, vocab_size)")
-            return ids
+            return frame.array[:, 0]
         if frame.msg_type is not syn1.MessageType.ACTIVATION:
             raise InvalidArgument(
                 f"stage [{self.stage.start}, {self.stage.end}) takes ACTIVATION frames, got {frame.msg_type.name}"
@@ -223,6 +222,16 @@ class StageWorker:
                 f"request {frame.request_id}: activations have {frame.cols} columns, not {config.n_embd}"
             )
         return frame.array if frame.scales is None else frame.to_float32()
+
+    def _check_token_ids(self, frames: list[syn1.Frame], inputs: list[np.ndarray]) -> None:
+        """One range check over the whole batch; the per-frame search only runs to name a bad frame."""
+        ids, vocab_size = np.concatenate(inputs), self.stage.config.vocab_size
+        if ids.min() >= 0 and ids.max() < vocab_size:
+            return
+        bad = next(
+            frame for frame, rows in zip(frames, inputs, strict=True) if rows.min() < 0 or rows.max() >= vocab_size
+        )
+        raise InvalidArgument(f"request {bad.request_id}: token id outside [0, {vocab_size})")
 
     def _slot_for(self, frame: syn1.Frame) -> int:
         """The request's slot, made to hold exactly `frame.position` tokens (a replay rewinds it). Lock held."""

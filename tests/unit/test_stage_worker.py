@@ -12,6 +12,7 @@ import torch
 
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.gpt2.checkpoint import Checkpoint, load_checkpoint
+from services.common.gpt2.kv_pool import StepPlan
 from services.common.gpt2.model import GPT2Stage
 from services.node.graphs import DecodeGraphs, graph_sizes
 from services.node.worker import StageWorker
@@ -21,6 +22,7 @@ from tests.checkpoints import load_reference, make_random_checkpoint
 TOP_K = 5
 SPLIT = [(0, 2), (2, 3)]
 TOLERANCE = 1e-4  # max abs logit difference vs transformers, float32
+POSITIONS = 64  # n_positions of the test checkpoint
 HAS_CUDA = torch.cuda.is_available()
 
 
@@ -172,7 +174,7 @@ def test_bad_frames_are_refused_before_anything_runs(model: Model) -> None:
     first, last = Pipeline(model).workers
     activation = syn1.Frame.activation(1, 0, np.zeros((2, 32), np.float32))
     bad_calls = [
-        (first, [syn1.Frame.tokens(1, 0, [5, 97])], "token id outside [0, vocab_size)"),
+        (first, [syn1.Frame.tokens(1, 0, [5, 97])], "request 1: token id outside [0, 97)"),
         (first, [activation], "the first stage takes TOKENS frames"),
         (last, [syn1.Frame.tokens(1, 0, [5])], "takes ACTIVATION frames"),
         (last, [syn1.Frame.activation(1, 0, np.zeros((2, 31), np.float32))], "31 columns, not 32"),
@@ -194,6 +196,16 @@ def test_idle_requests_are_released(model: Model) -> None:
     first.run([syn1.Frame.tokens(1, 0, [1])])
     first.release_all()
     assert first.cached_requests == 0 and first.engine.pool.free_slots == 16
+
+
+def test_decode_fill_writes_the_padded_plan_over_the_last_steps_rows(model: Model) -> None:
+    (engine,) = [worker.engine for worker in Pipeline(model, graphs="eager").workers[:1]]
+    static = engine.graphs.statics[8]
+    for batch in (7, 3):  # the second step must reset the four rows the first one wrote past it
+        plan = StepPlan.of(list(range(batch, 0, -1)), [5 + i for i in range(batch)], [1] * batch, POSITIONS)
+        tokens = np.arange(batch, dtype=np.int32) + 10
+        engine._fill(static, plan, tokens, None)
+        assert np.array_equal(static.ints.numpy(), plan.padded(8, engine.pool.scratch_slot).ints(tokens))
 
 
 def test_graph_sizes_and_padding_to_the_next_size() -> None:

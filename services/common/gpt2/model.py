@@ -226,9 +226,9 @@ def top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
 def ranked_top_k(logits: Tensor, k: int) -> Tensor:
     """(B, vocab) logits -> (B, 2k) int32 on the same device: the k largest values as float32 bits, then their
     token ids, ranked by exact float32 value descending, then lower id (as argmax breaks ties). Graph-safe."""
-    values, token_ids = torch.topk(logits.float(), k, dim=-1)  # (B, k), largest first, ties in any order
+    values, token_ids = torch.topk(logits, k, dim=-1)  # (B, k), largest first, ties in any order
     token_ids, order = token_ids.sort(dim=-1)  # lower id first ...
-    values = values.gather(-1, order)
+    values = values.gather(-1, order).float()  # exact: float16 and bfloat16 values widen without rounding
     values, order = values.sort(dim=-1, descending=True, stable=True)  # ... kept among equal values
     token_ids = token_ids.gather(-1, order)
     return torch.cat([values.view(torch.int32), token_ids.int()], dim=-1)
