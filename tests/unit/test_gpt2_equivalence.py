@@ -12,7 +12,7 @@ from torch import Tensor
 
 from services.common.errors import InvalidArgument
 from services.common.gpt2.checkpoint import Checkpoint, load_checkpoint
-from services.common.gpt2.model import GPT2Stage, KVCache, top_k
+from services.common.gpt2.model import GPT2Stage, KVCache, ranked_top_k, top_k
 from tests.checkpoints import load_reference, make_random_checkpoint
 
 SHAPES = {  # name: (n_layer, n_head, n_embd)
@@ -253,3 +253,12 @@ def test_top_k_returns_float32_values_and_int64_ids_largest_first() -> None:
     assert top_k(logits[0], 10)[1].tolist() == [1, 3, 0, 2]  # k above the vocabulary: all of it
     with pytest.raises(InvalidArgument, match="k >= 1"):
         top_k(logits, 0)
+
+
+def test_ranked_top_k_packs_float32_bits_and_ids_with_ties_to_the_lower_id() -> None:
+    logits = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, -1.0], [0.5, 0.25, 4.0, 0.25, 0.25, 8.0]], dtype=torch.float16)
+    packed = ranked_top_k(logits, 4)
+    assert packed.dtype == torch.int32 and packed.shape == (2, 8)
+    values, ids = packed[:, :4].view(torch.float32), packed[:, 4:]
+    assert values.tolist() == [[3.0, 3.0, 3.0, 2.0], [8.0, 4.0, 0.5, 0.25]]
+    assert ids[0].tolist() == [1, 2, 4, 3] and ids[1, :3].tolist() == [5, 2, 0]

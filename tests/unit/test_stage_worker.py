@@ -187,6 +187,18 @@ def test_bad_frames_are_refused_before_anything_runs(model: Model) -> None:
     assert (first.cached_requests, first.pending, first.requests_served) == (0, 0, 0)
 
 
+def test_full_logits_when_top_k_is_zero(model: Model) -> None:
+    config, tensors = model.checkpoint.config, model.checkpoint.tensors
+    worker = StageWorker(
+        GPT2Stage.from_tensors(config, 0, 3, tensors), top_k=0, activation_dtype="float32", max_batch=4
+    )
+    outputs = worker.run([syn1.Frame.tokens(1, 0, PROMPTS[3]), syn1.Frame.tokens(2, 0, PROMPTS[1])])
+    for output, prompt in zip(outputs, [PROMPTS[3], PROMPTS[1]], strict=True):
+        assert output.msg_type is syn1.MessageType.LOGITS and output.array.shape == (1, 97)
+        assert output.position == len(prompt) - 1
+        assert np.abs(output.array[0] - model.logits(prompt)).max() <= TOLERANCE
+
+
 def test_idle_requests_are_released(model: Model) -> None:
     pipeline = Pipeline(model)
     generate(model, pipeline, {1: PROMPTS[1], 2: PROMPTS[2]}, steps=1)
