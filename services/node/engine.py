@@ -3,6 +3,7 @@ to one host array out."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
@@ -13,6 +14,8 @@ from torch import Tensor
 from services.common.gpt2.kv_pool import BatchMeta, StepPlan
 from services.common.gpt2.model import GPT2Stage, ranked_top_k
 from services.node.graphs import DecodeGraphs, StaticStep, graph_sizes
+
+log = logging.getLogger(__name__)
 
 GraphMode = Literal["auto", "capture", "eager", "off"]
 
@@ -34,14 +37,20 @@ class StageEngine:
         self.stage, self.device, self.dtype = stage, weight.device, weight.dtype
         self.pool = stage.new_pool(slots)
         self.top_k = min(top_k, stage.config.vocab_size) if stage.is_last else 0
-        if graphs == "auto":
-            graphs = "capture" if self.device.type == "cuda" else "off"
-        self.graphs = None
-        if graphs != "off":
-            sizes = graph_sizes(max_batch)
+        self.graphs: DecodeGraphs | None = None
+        mode = ("capture" if self.device.type == "cuda" else "off") if graphs == "auto" else graphs
+        if mode == "off":
+            return
+        try:
+            capture = mode == "capture"
             self.graphs = DecodeGraphs(
-                sizes, self._static, self._graph_step, self._fill_idle, capture=graphs == "capture"
+                graph_sizes(max_batch), self._static, self._graph_step, self._fill_idle, capture=capture
             )
+        except RuntimeError as error:
+            if graphs != "auto":
+                raise
+            # Slower, not wrong: every step then runs eagerly through the same forward_step.
+            log.warning("cuda_graphs_unavailable", extra={"error": str(error)[:300]})
 
     @property
     def max_positions(self) -> int:
