@@ -18,7 +18,6 @@ from services.wire import syn1
 
 log = logging.getLogger(__name__)
 
-WIRE_DTYPES = {"float16": syn1.DType.F16, "float32": syn1.DType.F32, "int8": syn1.DType.I8}
 # Prompt tokens one step computes; decode rows of other requests ride along in the same step. A step of
 # this many tokens takes about 1 ms of a GPU (GPT-2 124M, H200) and about 100 ms of 2 CPU cores.
 PREFILL_CHUNK = {"cuda": 512, "cpu": 128}
@@ -61,7 +60,7 @@ class StageWorker:
         graphs: GraphMode = "auto",
     ) -> None:
         self.stage, self.top_k, self.max_batch = stage, top_k, max_batch
-        self.wire_dtype = WIRE_DTYPES[activation_dtype]
+        self.wire_dtype = syn1.ACTIVATION_DTYPES[activation_dtype]
         self.engine = StageEngine(
             stage, slots=kv_slots or 2 * max_batch, top_k=top_k, max_batch=max_batch, graphs=graphs
         )

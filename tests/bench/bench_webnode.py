@@ -35,6 +35,7 @@ from services.sharder.random_weights import known_shape, random_checkpoint
 from services.sharder.shards import ShardManifest, even_ranges, read_shard, write_shards
 from services.wire import syn1
 from services.wire.gateway_client import GatewayClient
+from services.wire.steps import Step, StepFailed
 from tests.integration.gateway_fixtures import running_gateway, stage
 from tests.webnode.conftest import CHROMIUM, CHROMIUM_ARGS, page_url
 
@@ -87,10 +88,10 @@ async def page_step_ms(client: GatewayClient, node: str, manifest: ShardManifest
     route = [stage(node, manifest.layer_start, manifest.layer_end)]
 
     async def run(position: int, tokens: list[int]) -> tuple[float, float]:
-        request = gateway_pb2.StepRequest(route=route, frames=step_frames(manifest, position, tokens))
-        response = await client.step(request, 600)
-        if response.HasField("error"):
-            raise SystemExit(f"step failed on the page: {response.error.message}")
+        try:
+            response = await client.step(Step(tuple(route), frames=step_frames(manifest, position, tokens)), 600)
+        except StepFailed as error:
+            raise SystemExit(f"step failed on the page: {error}") from None
         return response.hops[0].round_trip_ms, response.hops[0].compute_ms
 
     await run(0, PROMPT)
