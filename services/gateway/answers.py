@@ -29,10 +29,14 @@ class StageShape:
         """(type, position, rows, cols) of the answer to one input frame."""
         if not self.is_last:
             return syn1.MessageType.ACTIVATION, given.position, given.rows, self.n_embd
-        last = given.position + given.rows - 1  # the last stage answers for each request's newest position
+        # The last stage answers each request's newest position, or every position of a speculative draft.
+        if given.flags & syn1.Flag.PREDICTED:
+            position, rows = given.position, given.rows
+        else:
+            position, rows = given.position + given.rows - 1, 1
         if self.top_k:
-            return syn1.MessageType.OUTPUT, last, 1, min(self.top_k, self.vocab_size)
-        return syn1.MessageType.LOGITS, last, 1, self.vocab_size
+            return syn1.MessageType.OUTPUT, position, rows, min(self.top_k, self.vocab_size)
+        return syn1.MessageType.LOGITS, position, rows, self.vocab_size
 
 
 def check_answer(sent: bytes, answer: bytes, shape: StageShape, max_payload_bytes: int) -> None:
@@ -54,6 +58,8 @@ def _check_frame(index: int, given: syn1.Header, frame: syn1.Frame, shape: Stage
         raise Misbehaviour(f"frame {index}: answered {_describe(*got)} where {_describe(*want)} was due")
     if msg_type is syn1.MessageType.ACTIVATION and frame.dtype is not shape.activation_dtype:
         raise Misbehaviour(f"frame {index}: activations in {frame.dtype.name}, assigned {shape.activation_dtype.name}")
+    if msg_type is syn1.MessageType.ACTIVATION and frame.predicted != bool(given.flags & syn1.Flag.PREDICTED):
+        raise Misbehaviour(f"frame {index}: the PREDICTED flag of request {frame.request_id} was not passed on")
     values = frame.scales if frame.scales is not None else frame.array
     if not np.isfinite(values).all():
         raise Misbehaviour(f"frame {index}: {frame.msg_type.name} of request {frame.request_id} holds NaN or Inf")

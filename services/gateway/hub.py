@@ -115,7 +115,8 @@ class Hub:
         try:
             encode_started = time.perf_counter()
             message = step.frames or syn1.encode_frames(
-                syn1.Frame.tokens(item.request_id, item.position, item.token_ids) for item in step.tokens
+                syn1.Frame.tokens(item.request_id, item.position, item.token_ids, predicted=item.predicted)
+                for item in step.tokens
             )
             encode_s = time.perf_counter() - encode_started
             hops: list[Hop] = []

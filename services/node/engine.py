@@ -57,23 +57,33 @@ class StageEngine:
         return self.pool.max_positions
 
     def compute(
-        self, plan: StepPlan, token_ids: np.ndarray | None = None, activations: np.ndarray | None = None
+        self,
+        plan: StepPlan,
+        token_ids: np.ndarray | None = None,
+        activations: np.ndarray | None = None,
+        answer_rows: np.ndarray | None = None,
     ) -> np.ndarray:
-        """One step: token ids (N,) on the first stage, else activations (N, n_embd), in plan order."""
+        """One step: token ids (N,) on the first stage, else activations (N, n_embd), in plan order.
+
+        On the last stage `answer_rows` picks the rows (of the N) answered, in order; None = each request's
+        last row (a speculative draft asks for every row of its request)."""
         graphs = self.graphs
         if graphs is not None and plan.max_query == 1 and plan.batch <= graphs.max_size:
             static, output = graphs.run(plan.batch, lambda static: self._fill(static, plan, token_ids, activations))
             return self._to_host(static, output[: plan.batch])
         meta = plan.meta(torch.from_numpy(plan.ints(token_ids)).to(self.device))  # one host -> device copy
         inputs = None if activations is None else torch.from_numpy(activations).to(self.device, self.dtype)
-        return self._step(meta, inputs).cpu().numpy()  # the step's one device -> host copy; waits for the device
+        rows = None if answer_rows is None else torch.from_numpy(answer_rows).to(self.device)
+        return self._step(meta, inputs, rows).cpu().numpy()  # the step's one device -> host copy
 
     @torch.inference_mode()
-    def _step(self, meta: BatchMeta, activations: Tensor | None) -> Tensor:
+    def _step(self, meta: BatchMeta, activations: Tensor | None, answer_rows: Tensor | None = None) -> Tensor:
         hidden = self.stage.forward_step(meta, self.pool, activations)  # (N, C)
         if not self.stage.is_last:
             return hidden
-        if meta.max_query > 1:
+        if answer_rows is not None:
+            hidden = hidden.index_select(0, answer_rows)  # (R, C): the rows asked for
+        elif meta.max_query > 1:
             hidden = hidden.index_select(0, meta.last_rows)  # (B, C): each request's last new token
         logits = self.stage.logits(hidden)  # (B, vocab)
         return ranked_top_k(logits, self.top_k) if self.top_k else logits.float()

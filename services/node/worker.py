@@ -133,10 +133,11 @@ class StageWorker:
         starts = [job.frame.position + job.done for job in jobs]
         plan = StepPlan.of([job.slot for job in jobs], starts, counts, self.engine.max_positions)
         rows = np.concatenate([job.inputs[job.done : job.done + n] for job, n in zip(jobs, counts, strict=True)])
+        answer_rows = self._answer_rows(jobs, counts)
         if self.stage.is_first:
-            output = self.engine.compute(plan, token_ids=rows)
+            output = self.engine.compute(plan, token_ids=rows, answer_rows=answer_rows)
         else:
-            output = self.engine.compute(plan, activations=rows)
+            output = self.engine.compute(plan, activations=rows, answer_rows=answer_rows)
         finished = self._finish(jobs, counts, output)
         with self._lock:
             self._pending = [job for job in self._pending if job.output is None]
@@ -172,33 +173,47 @@ class StageWorker:
             counts.append(count)
         return jobs, counts
 
+    def _answer_rows(self, jobs: list[Job], counts: list[int]) -> np.ndarray | None:
+        """On the last stage, with a speculative draft in the step: the step's rows to answer, in order (every
+        row of a PREDICTED frame, the last of any other). None = the last row of each request."""
+        if not self.stage.is_last or not any(job.frame.predicted for job in jobs):
+            return None
+        rows, offset = [], 0
+        for job, count in zip(jobs, counts, strict=True):
+            rows.extend(range(offset, offset + count) if job.frame.predicted else [offset + count - 1])
+            offset += count
+        return np.asarray(rows, dtype=np.int64)
+
     def _finish(self, jobs: list[Job], counts: list[int], output: np.ndarray) -> list[Job]:
         """Hand each job its rows of the step's one host array; frames for the jobs now complete."""
         pool, finished, offset = self.engine.pool, [], 0
-        if self.stage.is_last and self.engine.top_k:
-            k = self.engine.top_k
-            values, ids = np.ascontiguousarray(output[:, :k]).view(np.float32), output[:, k:]
-        for index, (job, count) in enumerate(zip(jobs, counts, strict=True)):
+        for job, count in zip(jobs, counts, strict=True):
             pool.commit(job.slot, count)
             job.done += count
-            frame = job.frame
-            if not self.stage.is_last:
-                job.pieces.append(output[offset : offset + count])
-            offset += count
-            if job.done < frame.rows:
+            answered = count if (not self.stage.is_last or job.frame.predicted) else 1
+            if not self.stage.is_last or job.frame.predicted or job.done == job.frame.rows:
+                job.pieces.append(output[offset : offset + answered])
+            offset += answered
+            if job.done < job.frame.rows:
                 continue
             finished.append(job)
-            if not self.stage.is_last:
-                hidden = job.pieces[0] if len(job.pieces) == 1 else np.concatenate(job.pieces)
-                job.output = syn1.Frame.activation(frame.request_id, frame.position, hidden)
-                continue
-            position = frame.position + frame.rows - 1  # the row's own position: the last input token
-            row = slice(index, index + 1)
-            if self.engine.top_k:
-                job.output = syn1.Frame.output(frame.request_id, position, values[row], ids[row])
-            else:
-                job.output = syn1.Frame.logits(frame.request_id, position, output[row])
+            job.output = self._output_frame(
+                job.frame, job.pieces[0] if len(job.pieces) == 1 else np.concatenate(job.pieces)
+            )
         return finished
+
+    def _output_frame(self, frame: syn1.Frame, rows: np.ndarray) -> syn1.Frame:
+        """A finished request's answer: its activations, or on the last stage its top-K (or logits) for the
+        newest position, or for every position of a PREDICTED frame."""
+        if not self.stage.is_last:
+            return syn1.Frame.activation(frame.request_id, frame.position, rows, predicted=frame.predicted)
+        # Row i answers input position frame.position + i; without a draft only the last input is answered.
+        position = frame.position if frame.predicted else frame.position + frame.rows - 1
+        if not self.engine.top_k:
+            return syn1.Frame.logits(frame.request_id, position, rows)
+        k = self.engine.top_k
+        values = np.ascontiguousarray(rows[:, :k]).view(np.float32)
+        return syn1.Frame.output(frame.request_id, position, values, rows[:, k:])
 
     def _input(self, frame: syn1.Frame) -> np.ndarray:
         """The frame's rows as computed: (rows,) token ids, or (rows, n_embd) f16/f32 activations."""

@@ -14,7 +14,7 @@ from typing import Any
 from services.common.errors import DeadlineExceeded, Internal, SynapseError, Unavailable
 from services.router import metrics
 from services.router.cluster import Cluster
-from services.router.requests import Generation, TokenEvent, candidates_of
+from services.router.requests import Generation, TokenEvent, rows_of
 from services.router.settings import RouterSettings
 from services.router.topology import Pipeline
 from services.wire import syn1
@@ -83,6 +83,8 @@ class Scheduler:
         self.engine, self.pipeline = engine, pipeline
         self.route = pipeline.route
         self.gateway = engine.gateways.get(pipeline.stages[0].gateway_address)
+        # Drafts need every stage to answer every row of a PREDICTED frame: native nodes do (web nodes not yet).
+        self.draft_tokens = engine.settings.speculate_tokens if pipeline.all_native else 0
         self.requests: list[Generation] = []
         self._wake = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
@@ -141,7 +143,7 @@ class Scheduler:
             batch = await self._drop_expired(batch)
             if not batch:
                 return
-            step = Step(self.route, tokens=tuple(TokenInput(g.wire_id, g.position, g.pending) for g in batch))
+            step = self._build(batch)
             started = time.perf_counter()
             try:
                 result = await self.gateway.step(step, self.engine.settings.step_timeout_s)
@@ -153,6 +155,16 @@ class Scheduler:
             log.exception("step_crashed", extra={"requests": len(batch)})
             for generation in batch:
                 await self._fail(generation, error if isinstance(error, SynapseError) else Internal(repr(error)))
+
+    def _build(self, batch: list[Generation]) -> Step:
+        """The step's input: each request's pending tokens, with a draft appended to decode steps."""
+        if self.draft_tokens:
+            n_positions = self.engine.cluster.config.n_positions
+            for generation in batch:
+                generation.propose(self.draft_tokens, n_positions)
+                metrics.SPEC_DRAFTED.inc(len(generation.draft))
+        items = (TokenInput(g.wire_id, g.position, g.pending, predicted=bool(g.draft)) for g in batch)
+        return Step(self.route, tokens=tuple(items))
 
     async def _drop_expired(self, batch: list[Generation]) -> list[Generation]:
         now = time.monotonic()
@@ -183,14 +195,18 @@ class Scheduler:
                 continue
             if generation.position == 0 and not generation.generated:
                 metrics.TOKENS.labels("prompt").inc(len(generation.pending))
+            drafted = len(generation.draft)
             try:
-                event = generation.accept(candidates_of(frame), compute_ms)
+                events = generation.accept(rows_of(frame), compute_ms)
             except SynapseError as error:  # e.g. the sampler refusing what came back: this request only
                 log.warning("sample_failed", extra={"request_id": generation.request_id, "error": str(error)})
                 await self._fail(generation, error)
                 continue
-            metrics.TOKENS.labels("generated").inc()
-            self._emit(generation, event)
+            if drafted:
+                metrics.SPEC_ACCEPTED.inc(len(events) - 1)
+            metrics.TOKENS.labels("generated").inc(len(events))
+            for event in events:
+                self._emit(generation, event)
             if generation.done:
                 await self.finish(generation)
 

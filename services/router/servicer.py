@@ -17,9 +17,11 @@ from services.common.server import channel, request_metadata, upstream
 from services.router import convert, metrics
 from services.router.cluster import Cluster
 from services.router.engine import Engine
+from services.router.params import GenerateParams, Limits, check_prompt
 from services.router.quota import StreamQuota, client_of
-from services.router.requests import GenerateParams, Generation, Limits, check_prompt
+from services.router.requests import Generation
 from services.router.settings import RouterSettings
+from services.router.speculation import NgramIndex
 from services.router.topology import missing_ranges
 from services.sampler.seeding import SteppedSampler
 from services.tokenizer.tokenization import Tokenizer
@@ -85,6 +87,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             sampler=SteppedSampler(params.sampling, prompt_ids),
             decoder=self.tokenizer.incremental_decoder(),
             deadline=time.monotonic() + time_remaining if time_remaining is not None else None,
+            ngrams=NgramIndex(prompt_ids, self.settings.speculate_ngram) if self.settings.speculate_tokens else None,
         )
 
     async def _encode(self, prompt: str) -> list[int]:

@@ -42,6 +42,14 @@ class RouterSettings(ServiceSettings):
         "float16", description="Wire dtype of activations between stages."
     )
     max_batch: int = Field(32, gt=0, description="Most requests in one pipeline step.")
+    speculate_tokens: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="Speculative decoding: most prompt-lookup draft tokens checked per decode step (0 = off); "
+        "output is unchanged, a round trip yields up to 1 + this many tokens (native-node pipelines).",
+    )
+    speculate_ngram: int = Field(3, ge=1, le=8, description="Longest n-gram prompt lookup matches drafts by.")
     micro_batches: int = Field(
         0, ge=0, description="Micro-batches the active requests are split into (0 = one per stage, so stages overlap)."
     )

@@ -22,6 +22,10 @@ class Pipeline:
         return [stage.node_id for stage in self.stages]
 
     @property
+    def all_native(self) -> bool:
+        return all(stage.kind == "native" for stage in self.stages)
+
+    @property
     def route(self) -> tuple[Stage, ...]:
         """The route a step over this pipeline follows."""
         return tuple(Stage(node.node_id, node.layers or (0, 0), node.gateway_address) for node in self.stages)

@@ -33,7 +33,9 @@ def step_to_pb(step: Step, step_id: int, route: list[gateway_pb2.Stage] | None =
     request = gateway_pb2.StepRequest(step_id=step_id, route=route if route is not None else route_to_pb(step.route))
     if step.tokens:
         for item in step.tokens:
-            request.items.items.add(request_id=item.request_id, position=item.position, token_ids=item.token_ids)
+            request.items.items.add(
+                request_id=item.request_id, position=item.position, token_ids=item.token_ids, predicted=item.predicted
+            )
     else:
         request.frames = step.frames
     return request
@@ -46,7 +48,9 @@ def step_from_pb(request: gateway_pb2.StepRequest) -> Step:
     if not route:
         raise InvalidArgument("a step needs a route of at least one stage")
     if request.WhichOneof("input") == "items":
-        tokens = tuple(TokenInput(i.request_id, i.position, list(i.token_ids)) for i in request.items.items)
+        tokens = tuple(
+            TokenInput(i.request_id, i.position, list(i.token_ids), i.predicted) for i in request.items.items
+        )
         if not tokens:
             raise InvalidArgument("a step's items hold no request")
         return Step(route, tokens=tokens)

@@ -24,6 +24,7 @@ class TokenInput:
     request_id: int  # the SYN1 request id (u32), stable for the request's life
     position: int  # sequence position of the first token (= tokens the stages' caches hold)
     token_ids: Sequence[int]
+    predicted: bool = False  # the ids after the first are a draft: the last stage answers every row
 
 
 @dataclass(frozen=True, slots=True)

@@ -243,3 +243,32 @@ def test_on_cuda_batched_graph_decode_and_mixed_steps_match_transformers(model, 
     expected = [sequences[1], PROMPTS[5] * 2, sequences[2], sequences[3]]
     for output, tokens in zip(pipeline.run(frames), expected, strict=True):
         check(model, output, tokens, tolerance=tolerance)
+
+
+@pytest.mark.parametrize("prefill_chunk", [None, 3])
+def test_a_predicted_frame_is_answered_at_every_row_and_a_rejected_draft_is_cut_back(
+    model: Model, prefill_chunk: int | None
+) -> None:
+    """A decode token plus a draft (SYN1 PREDICTED): the last stage answers every row, row i being
+    transformers' top-k after the sequence up to draft token i; the next step at an earlier position
+    truncates the caches back to the accepted prefix (here: nothing of the draft kept)."""
+    pipeline = Pipeline(model, prefill_chunk=prefill_chunk)
+    sequence = generate(model, pipeline, {1: PROMPTS[3]}, steps=1)[1]  # prompt + one generated token
+    draft = [11, 12, 13]
+    (answer,) = pipeline.run([syn1.Frame.tokens(1, len(sequence) - 1, sequence[-1:] + draft, predicted=True)])
+    assert answer.rows == 1 + len(draft) and answer.position == len(sequence) - 1
+    for row in range(answer.rows):
+        prefix = sequence + draft[:row]
+        one = syn1.Frame.output(1, len(prefix) - 1, answer.array[row : row + 1], answer.token_ids[row : row + 1])
+        check(model, one, prefix)
+    # The draft was wrong: decode again from the sequence as it was; the caches drop the draft's rows.
+    (again,) = pipeline.run([syn1.Frame.tokens(1, len(sequence) - 1, sequence[-1:])])
+    check(model, again, sequence)
+
+
+def test_activations_carry_the_predicted_flag_on() -> None:
+    frame = syn1.Frame.activation(4, 9, np.zeros((3, 8), np.float32), predicted=True)
+    (decoded,) = syn1.decode_frames(syn1.encode(frame, syn1.DType.F16))
+    assert decoded.predicted and decoded.rows == 3
+    with pytest.raises(syn1.FrameError, match="PREDICTED is for TOKENS and ACTIVATION"):
+        syn1.encode(syn1.Frame(syn1.MessageType.LOGITS, 1, 0, np.zeros((1, 4), np.float32), syn1.Flag.PREDICTED))
