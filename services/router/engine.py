@@ -163,7 +163,8 @@ class Scheduler:
             for generation in batch:
                 generation.propose(self.draft_tokens, n_positions)
                 metrics.SPEC_DRAFTED.inc(len(generation.draft))
-        items = (TokenInput(g.wire_id, g.position, g.pending, predicted=bool(g.draft)) for g in batch)
+        chunk = self.engine.settings.prefill_chunk
+        items = (TokenInput(g.wire_id, g.position, g.next_input(chunk), predicted=bool(g.draft)) for g in batch)
         return Step(self.route, tokens=tuple(items))
 
     async def _drop_expired(self, batch: list[Generation]) -> list[Generation]:
@@ -193,8 +194,8 @@ class Scheduler:
             if frame is None:
                 await self._fail(generation, Unavailable("the last stage returned no output for this request"))
                 continue
-            if generation.position == 0 and not generation.generated:
-                metrics.TOKENS.labels("prompt").inc(len(generation.pending))
+            if not generation.generated and generation.failovers == 0:
+                metrics.TOKENS.labels("prompt").inc(generation.sent)
             drafted = len(generation.draft)
             try:
                 events = generation.accept(rows_of(frame), compute_ms)
@@ -204,6 +205,8 @@ class Scheduler:
                 continue
             if drafted:
                 metrics.SPEC_ACCEPTED.inc(len(events) - 1)
+            if not events:
+                continue  # a chunk of a long prompt: no token yet
             metrics.TOKENS.labels("generated").inc(len(events))
             for event in events:
                 self._emit(generation, event)

@@ -53,6 +53,7 @@ class Generation:
     failovers: int = 0
     in_flight: bool = False
     draft: list[int] = field(default_factory=list)  # the tail of `pending` that is a speculative draft
+    sent: int = 0  # tokens of `pending` the step in flight carries (a long prompt goes in chunks)
     ngrams: NgramIndex | None = None  # prompt + generated, for drafts; None = no speculation
     _held_text: str = ""  # text withheld because it may be the start of a stop string
 
@@ -82,10 +83,21 @@ class Generation:
         self.draft = self.ngrams.draft(room)
         self.pending = self.pending[:1] + self.draft
 
+    def next_input(self, prefill_chunk: int) -> list[int]:
+        """The tokens the next step carries: every pending one, or the next chunk of a long prompt (so a
+        prefill never holds the pipeline's other requests up for long)."""
+        self.sent = min(len(self.pending), prefill_chunk) if not self.draft else len(self.pending)
+        return self.pending[: self.sent]
+
     def accept(self, rows: Sequence[LogitsInput], compute_ms: float) -> list[TokenEvent]:
         """The last stage's answer for the step: rows[i] is the next-token distribution after the i-th of the
         last len(rows) pending tokens (one row, or 1 + the draft's length). Tokens are sampled row by row and
-        kept while they match the draft, so the result is exactly one-token-per-step decoding's."""
+        kept while they match the draft, so the result is exactly one-token-per-step decoding's. A step that
+        carried a chunk of a longer prompt only moves the position on."""
+        if self.sent < len(self.pending):
+            self.position += self.sent
+            self.pending = self.pending[self.sent :]
+            return []
         draft = self.draft
         events: list[TokenEvent] = []
         for index, row in enumerate(rows[: len(draft) + 1]):

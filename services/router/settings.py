@@ -42,6 +42,12 @@ class RouterSettings(ServiceSettings):
         "float16", description="Wire dtype of activations between stages."
     )
     max_batch: int = Field(32, gt=0, description="Most requests in one pipeline step.")
+    prefill_chunk: int = Field(
+        256,
+        gt=0,
+        description="Most prompt tokens of one request per step: long prompts go in chunks, so decodes "
+        "of other requests are not held up for long.",
+    )
     speculate_tokens: int = Field(
         0,
         ge=0,
