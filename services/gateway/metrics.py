@@ -45,3 +45,9 @@ QUARANTINES = Counter(
     "disagreement (a verification recomputed its step elsewhere and got other numbers).",
     ["cause"],
 )
+VERIFICATIONS = Counter(
+    "synapse_gateway_verifications_total",
+    "Stages recomputed on verifiers, by outcome: agreed, outvoted (a node quarantined), unresolved (two answers "
+    "differ, no majority), incomplete (a verifier could not answer).",
+    ["outcome"],
+)

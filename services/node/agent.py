@@ -47,7 +47,9 @@ class NodeAgent:
         self.store = ShardStore(settings.cache_dir, ssl_context(settings))
         # One compute thread: steps run in order; torch uses its own intra-op threads inside.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
-        self.steps = StepLoop(self.executor, settings.max_batch)
+        self.steps = StepLoop(
+            self.executor, settings.max_batch, wrong_numbers=settings.fault_injection == "wrong_numbers"
+        )
         self.loaded_sha256 = ""
         self.connected = asyncio.Event()
         self._loads: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
@@ -106,6 +108,9 @@ class NodeAgent:
             log.warning("gateway_error", extra={"error": message.message})
 
     async def _load(self, websocket: ClientConnection, assign: control.Assign) -> None:
+        if self.settings.fault_injection == "never_ready":
+            log.warning("fault_injection_never_ready", extra={"shard": assign.shard_id})
+            return
         try:
             if assign.sha256 != self.loaded_sha256:
                 await self.steps.swap(await self._load_worker(websocket, assign))

@@ -35,4 +35,9 @@ class NodeSettings(ProcessSettings):
     )
     reconnect_min_s: float = Field(0.5, gt=0, description="First reconnect delay; doubles up to reconnect_max_s.")
     reconnect_max_s: float = Field(15.0, gt=0, description="Longest reconnect delay.")
+    fault_injection: Literal["none", "wrong_numbers", "never_ready"] = Field(
+        "none",
+        description="TEST ONLY, off by default: wrong_numbers shifts every answer a little (what verification must "
+        "catch); never_ready accepts assignments and never loads them (what the load deadline must catch).",
+    )
     tls_ca: Path | None = Field(None, description="CA/self-signed certificate to trust for wss:// gateways.")

@@ -81,7 +81,12 @@ class Scheduler:
 
     def __init__(self, engine: Engine, pipeline: Pipeline) -> None:
         self.engine, self.pipeline = engine, pipeline
-        self.route = pipeline.route
+        self.route = pipeline.route()
+        # Verified requests go with a route naming, per stage, the replicas that recompute them; fixed for the
+        # scheduler's life, so a verifier sees a request from its first step (its cache must hold it all).
+        verifiers = engine.cluster.verifiers(pipeline) if engine.settings.verify_fraction else []
+        self.verified_route = pipeline.route(verifiers) if any(verifiers) else self.route
+        self.verifier_ids = sorted({node for stage in verifiers for node in stage})
         self.gateway = engine.gateways.get(pipeline.stages[0].gateway_address)
         # Drafts need every stage to answer every row of a PREDICTED frame: native nodes do (web nodes not yet).
         self.draft_tokens = engine.settings.speculate_tokens if pipeline.all_native else 0
@@ -104,7 +109,8 @@ class Scheduler:
     async def finish(self, generation: Generation) -> None:
         if generation in self.requests:
             self.requests.remove(generation)
-            await self.gateway.release([generation.wire_id], self.pipeline.node_ids)
+            nodes = self.pipeline.node_ids + (self.verifier_ids if generation.verified else [])
+            await self.gateway.release([generation.wire_id], nodes)
 
     async def _loop(self) -> None:
         stages = len(self.pipeline.stages)
@@ -165,7 +171,8 @@ class Scheduler:
                 metrics.SPEC_DRAFTED.inc(len(generation.draft))
         chunk = self.engine.settings.prefill_chunk
         items = (TokenInput(g.wire_id, g.position, g.next_input(chunk), predicted=bool(g.draft)) for g in batch)
-        return Step(self.route, tokens=tuple(items))
+        verify = frozenset(g.wire_id for g in batch if g.verified) if self.verifier_ids else frozenset()
+        return Step(self.verified_route if verify else self.route, tokens=tuple(items), verify=verify)
 
     async def _drop_expired(self, batch: list[Generation]) -> list[Generation]:
         now = time.monotonic()

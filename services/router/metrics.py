@@ -44,3 +44,6 @@ SPEC_DRAFTED = Counter(
 SPEC_ACCEPTED = Counter(
     "synapse_router_spec_accepted_tokens_total", "Draft tokens the pipeline's answer confirmed (kept as output)."
 )
+LOAD_TIMEOUTS = Counter(
+    "synapse_router_load_timeouts_total", "Nodes planned around because they did not finish loading in time."
+)

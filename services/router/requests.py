@@ -54,6 +54,7 @@ class Generation:
     in_flight: bool = False
     draft: list[int] = field(default_factory=list)  # the tail of `pending` that is a speculative draft
     sent: int = 0  # tokens of `pending` the step in flight carries (a long prompt goes in chunks)
+    verified: bool = False  # every stage of every step is recomputed on replicas and compared
     ngrams: NgramIndex | None = None  # prompt + generated, for drafts; None = no speculation
     _held_text: str = ""  # text withheld because it may be the start of a stop string
 

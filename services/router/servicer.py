@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -33,6 +34,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self._tokenizer_service = tokenizer_pb2_grpc.TokenizerServiceStub(channel(settings.tokenizer_address))
         self.limits = Limits(settings.max_tokens_limit, settings.max_prompt_chars, settings.top_k)
         self.streams = StreamQuota(settings.max_streams_per_client)
+        self._draw = random.Random()  # which requests are verified
 
     async def Generate(
         self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -88,6 +90,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             decoder=self.tokenizer.incremental_decoder(),
             deadline=time.monotonic() + time_remaining if time_remaining is not None else None,
             ngrams=NgramIndex(prompt_ids, self.settings.speculate_ngram) if self.settings.speculate_tokens else None,
+            verified=self._draw.random() < self.settings.verify_fraction,
         )
 
     async def _encode(self, prompt: str) -> list[int]:

@@ -68,6 +68,24 @@ class RouterSettings(ServiceSettings):
     max_failovers: int = Field(
         16, ge=0, description="Most replays of one request before it ends UNAVAILABLE (each waits longer)."
     )
+    load_deadline_s: float = Field(
+        120.0, gt=0, description="A node that has not loaded its assigned shard by then is planned around."
+    )
+    load_exclude_s: float = Field(300.0, gt=0, description="How long such a node is left out of plans.")
+    replicas: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="Pipelines to plan over disjoint groups of nodes, each with the same layer "
+        "ranges (more throughput, and verifiers for each other).",
+    )
+    verify_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of requests whose every stage is recomputed on a replica holding the "
+        "same layers and compared; a node outvoted is quarantined (needs replicas >= 2, best 3).",
+    )
     replan_settle_s: float = Field(
         1.0, ge=0, description="Membership must be unchanged this long before a re-plan (no storms on churn)."
     )

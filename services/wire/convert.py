@@ -23,6 +23,7 @@ def route_to_pb(route: tuple[Stage, ...]) -> list[gateway_pb2.Stage]:
             node_id=stage.node_id,
             layers=common_pb2.LayerRange(start=stage.layers[0], end=stage.layers[1]),
             gateway_address=stage.gateway_address,
+            verifiers=stage.verifiers,
         )
         for stage in route
     ]
@@ -30,7 +31,11 @@ def route_to_pb(route: tuple[Stage, ...]) -> list[gateway_pb2.Stage]:
 
 def step_to_pb(step: Step, step_id: int, route: list[gateway_pb2.Stage] | None = None) -> gateway_pb2.StepRequest:
     """`route` may be given already converted: a pipeline's route is the same for every step."""
-    request = gateway_pb2.StepRequest(step_id=step_id, route=route if route is not None else route_to_pb(step.route))
+    request = gateway_pb2.StepRequest(
+        step_id=step_id,
+        route=route if route is not None else route_to_pb(step.route),
+        verify_request_ids=sorted(step.verify),
+    )
     if step.tokens:
         for item in step.tokens:
             request.items.items.add(
@@ -43,8 +48,10 @@ def step_to_pb(step: Step, step_id: int, route: list[gateway_pb2.Stage] | None =
 
 def step_from_pb(request: gateway_pb2.StepRequest) -> Step:
     route = tuple(
-        Stage(stage.node_id, (stage.layers.start, stage.layers.end), stage.gateway_address) for stage in request.route
+        Stage(stage.node_id, (stage.layers.start, stage.layers.end), stage.gateway_address, tuple(stage.verifiers))
+        for stage in request.route
     )
+    verify = frozenset(request.verify_request_ids)
     if not route:
         raise InvalidArgument("a step needs a route of at least one stage")
     if request.WhichOneof("input") == "items":
@@ -53,10 +60,10 @@ def step_from_pb(request: gateway_pb2.StepRequest) -> Step:
         )
         if not tokens:
             raise InvalidArgument("a step's items hold no request")
-        return Step(route, tokens=tokens)
+        return Step(route, tokens=tokens, verify=verify)
     if not request.frames:
         raise InvalidArgument("a step needs token items or SYN1 frames as input")
-    return Step(route, frames=request.frames)
+    return Step(route, frames=request.frames, verify=verify)
 
 
 def result_to_pb(step_id: int, result: StepResult) -> gateway_pb2.StepResponse:
