@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config as HFGPT2Config
@@ -57,6 +59,12 @@ def make_random_checkpoint(
         tensors = load_file(weights)
         save_file({name.removeprefix(HF_PREFIX): t for name, t in tensors.items()}, weights, {"format": "pt"})
     return path
+
+
+def torch_tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Checkpoint or shard arrays (numpy: the sharder has no torch) as torch tensors over the same memory, as the
+    native node wraps them for GPT2Stage.from_tensors."""
+    return {name: torch.from_numpy(array) for name, array in arrays.items()}
 
 
 def load_reference(path: str | Path) -> GPT2LMHeadModel:

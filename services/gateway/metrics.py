@@ -49,3 +49,15 @@ FRAMES_REJECTED = Counter(
     "Malformed node messages (connection closed), by kind.",
     ["kind"],
 )
+QUARANTINES = Counter(
+    "synapse_gateway_quarantines_total",
+    "Nodes kept out for a backoff, by cause: answer (for work not given, wrong shape, NaN/Inf) or "
+    "disagreement (a verification recomputed its step elsewhere and got other numbers).",
+    ["cause"],
+)
+VERIFICATIONS = Counter(
+    "synapse_gateway_verifications_total",
+    "Stages recomputed on verifiers, by outcome: agreed, outvoted (a node quarantined), unresolved (two answers "
+    "differ, no majority), incomplete (a verifier could not answer).",
+    ["outcome"],
+)

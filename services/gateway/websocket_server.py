@@ -97,6 +97,11 @@ class NodeEndpoint:
         except (InvalidArgument, TimeoutError, ConnectionClosed) as error:
             await _refuse(websocket, str(error))
             return
+        refusal = await self.hub.refusal(hello.node_id)
+        if refusal is not None:
+            log.warning("node_refused", extra={"node": hello.node_id, "why": refusal})
+            await _refuse(websocket, f"node {hello.node_id} is {refusal}")
+            return
         record = record_for(hello, self.hub.gateway_id, self.hub.address)
         connection = NodeConnection(websocket, record, self.settings.max_frame_bytes)
         await self.hub.joined(connection)

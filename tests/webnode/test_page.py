@@ -21,7 +21,9 @@ import torch
 from aiohttp import web
 from websockets.asyncio.server import ServerConnection, serve
 
+from services.common.gpt2.config import GPT2Config
 from services.common.gpt2.model import GPT2Stage, KVCache
+from services.common.model_config_pb import model_config_to_pb
 from services.common.pb import common_pb2, gateway_pb2, sharder_pb2, sharder_pb2_grpc
 from services.common.server import channel
 from services.sharder.__main__ import start_sharder
@@ -32,7 +34,7 @@ from services.sharder.shards import read_shard
 from services.wire import syn1
 from services.wire.gateway_client import GatewayClient
 from services.wire.steps import Step, StepFailed, TokenInput
-from tests.checkpoints import load_reference, make_random_checkpoint
+from tests.checkpoints import load_reference, make_random_checkpoint, torch_tensors
 from tests.integration.gateway_fixtures import RunningGateway, frames_step, running_gateway, stage, token_step
 from tests.webnode.conftest import NodePage, OpenPage, page_url
 
@@ -101,7 +103,8 @@ async def assign(
     **urls: str,
 ) -> None:
     request = gateway_pb2.AssignShardRequest(
-        node_id=node, shard_id=assignment.shard_id, layers=assignment.layers,
+        config=model_config_to_pb(GPT2Config(**SHAPE)), node_id=node, shard_id=assignment.shard_id,
+        layers=assignment.layers,
         shard_url=urls.get("shard_url", assignment.shard_url),
         manifest_url=urls.get("manifest_url", assignment.manifest_url),
         sha256=assignment.sha256, size_bytes=assignment.size_bytes, top_k=top_k, activation_dtype=dtype,
@@ -118,7 +121,7 @@ async def assign_and_wait(page: NodePage, gateway: RunningGateway, node: str, as
 def reference_stage(sharder: Sharder, assignment: sharder_pb2.Assignment) -> GPT2Stage:
     """GPT2Stage in float32 on the shard's own (f16-rounded) weights."""
     manifest = sharder.catalog.manifest(assignment.shard_id)
-    tensors = {name: torch.from_numpy(array) for name, array in read_shard(manifest, sharder.catalog.folder).items()}
+    tensors = torch_tensors(read_shard(manifest, sharder.catalog.folder))
     return GPT2Stage.from_tensors(manifest.config, manifest.layer_start, manifest.layer_end, tensors)
 
 
