@@ -36,7 +36,21 @@ class GatewaySettings(ServiceSettings):
         3.0, gt=0, description="A node that answers no ping for this long is marked gone."
     )
     step_timeout_s: float = Field(60.0, gt=0, description="Longest one stage may take for one step.")
-    max_frame_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Largest WebSocket message accepted.")
+    max_frame_bytes: int = Field(
+        64 * 1024 * 1024, gt=0, description="Largest WebSocket message accepted; larger closes with 1009."
+    )
+    hello_timeout_s: float = Field(
+        10.0, gt=0, description="A connection that sends no hello within this long is closed (1008)."
+    )
+    max_messages_per_s: float = Field(
+        5000.0, gt=0, description="Messages per second one connection may send on average (token bucket; 4029)."
+    )
+    max_message_burst: int = Field(
+        10000, gt=0, description="Messages one connection may send at once above max_messages_per_s."
+    )
+    max_connections_per_address: int = Field(
+        64, ge=0, description="Open connections per client IP (a proxy's, behind one); 0 = no limit; more close 1013."
+    )
     webnode_dir: Path | None = Field(
         None,
         description="Static files of the web node page, served at /; unset = the webnode/ folder shipped with Synapse.",
