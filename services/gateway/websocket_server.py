@@ -15,12 +15,14 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from services.common.errors import InvalidArgument
+from services.common.join_tokens import JoinTokenRefused, JoinTokens
 from services.common.nodes import NodeRecord
 from services.gateway import metrics
 from services.gateway.admission import (
     CLOSE_POLICY,
     CLOSE_RATE_LIMITED,
     CLOSE_TOO_BIG,
+    CLOSE_UNAUTHORIZED,
     AddressSlots,
     Refusal,
     TokenBucket,
@@ -67,6 +69,7 @@ class NodeEndpoint:
         self.server: Server | None = None
         self.port = 0
         self.addresses = AddressSlots(settings.max_connections_per_address)
+        self.join_tokens = JoinTokens(settings.join_secrets, settings.join_secrets_file)
 
     async def start(self) -> None:
         settings = self.settings
@@ -91,6 +94,11 @@ class NodeEndpoint:
         self.port = next(iter(self.server.sockets)).getsockname()[1]
         scheme = "wss" if tls else "ws"
         log.info("ws_serving", extra={"url": f"{scheme}://{settings.ws_host}:{self.port}{WS_PATH}"})
+        if not self.join_tokens.enabled:
+            log.warning(
+                "join_tokens_off",
+                extra={"why": "no SYNAPSE_GATEWAY_JOIN_SECRETS(_FILE): any node that reaches this endpoint may join"},
+            )
 
     async def stop(self) -> None:
         if self.server is not None:
@@ -159,6 +167,11 @@ class NodeEndpoint:
                 "bad_hello",
                 f"protocol {message.protocol} not supported; this gateway speaks {control.PROTOCOL_VERSION}",
             )
+        if self.join_tokens.enabled:
+            try:
+                self.join_tokens.verify(message.join_token, message.node_id)
+            except JoinTokenRefused as error:
+                raise Refusal("join_token", f"node {message.node_id} refused: {error}", CLOSE_UNAUTHORIZED) from None
         return message
 
     async def _serve(self, connection: NodeConnection, limit: TokenBucket) -> str:

@@ -33,3 +33,6 @@ class NodeSettings(ProcessSettings):
     reconnect_min_s: float = Field(0.5, gt=0, description="First reconnect delay; doubles up to reconnect_max_s.")
     reconnect_max_s: float = Field(15.0, gt=0, description="Longest reconnect delay.")
     tls_ca: Path | None = Field(None, description="CA/self-signed certificate to trust for wss:// gateways.")
+    join_token: str = Field(
+        "", max_length=512, description="Join token shown at hello (`synapse token` issues one); empty = none."
+    )
