@@ -110,7 +110,7 @@ class Release(_Message):
     """gateway -> node: free the KV caches of these requests."""
 
     kind: Literal["release"] = "release"
-    request_ids: list[Annotated[int, Field(ge=0, le=2**32 - 1)]] = Field(max_length=65536)
+    request_ids: list[Annotated[int, Field(ge=0, le=2**32 - 1)]]  # SYN1 request ids: u32
 
 
 class Error(_Message):

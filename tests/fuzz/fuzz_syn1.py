@@ -7,7 +7,8 @@ by pytest (tests/unit/test_syn1_fuzz.py checks the same properties with hypothes
 With no corpus folder given it starts from var/fuzz/syn1/, seeded with the shared vectors (tests/vectors/syn1/).
 A crash is any exception but FrameError, frames that do not re-encode to the bytes they came from, or an
 allocation past 16 KiB + 32 bytes per byte received (what a header claims must never be allocated);
-libFuzzer writes the input as crash-<sha1>.
+libFuzzer writes the input as var/fuzz/crash-<sha1> and stops, or with --keep-going the first input of each
+distinct crash and goes on.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import tracemalloc
 from pathlib import Path
 
 import atheris
+
+from tests.fuzz.crashes import keep_going
 
 with atheris.instrument_imports(include=["services"]):  # our code; numpy, pydantic and grpc as they are
     from services.wire import syn1
@@ -64,7 +67,7 @@ def main() -> None:
         with contextlib.suppress(syn1.FrameError):
             syn1.decode_frames(vector.read_bytes())
     tracemalloc.start()
-    atheris.Setup(argv, test_one_input)
+    atheris.Setup(argv, keep_going(argv, test_one_input, "syn1"))
     atheris.Fuzz()
 
 
