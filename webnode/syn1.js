@@ -27,7 +27,7 @@ export class FrameError extends Error {
 
 const U32_MAX = 0xffffffff;
 const KNOWN_FLAGS = 0x0f;
-const RESERVED_FLAGS = [Flag.COMPRESSED, Flag.DELTA, Flag.PREDICTED];
+const RESERVED_FLAGS = [Flag.COMPRESSED, Flag.DELTA];
 const TYPE_NAME = { 1: "ACTIVATION", 2: "TOKENS", 3: "OUTPUT", 4: "LOGITS", 5: "STATS" };
 const DTYPE_NAME = { 1: "F32", 2: "F16", 3: "I8", 4: "I32" };
 const FLAG_NAME = { 1: "QUANTIZED", 2: "COMPRESSED", 4: "DELTA", 8: "PREDICTED" };
@@ -142,6 +142,9 @@ function checkHeader({ msgType, flags, dtype, rows, cols }, maxPayloadBytes) {
     throw new FrameError(
       `flag QUANTIZED must be set exactly when dtype is I8 (flags 0x${hex}, dtype ${DTYPE_NAME[dtype]})`,
     );
+  }
+  if (flags & Flag.PREDICTED && msgType !== MessageType.TOKENS && msgType !== MessageType.ACTIVATION) {
+    throw new FrameError(`flag PREDICTED is for TOKENS and ACTIVATION frames, not ${TYPE_NAME[msgType]}`);
   }
   if (rows < 1 || cols < 1) {
     throw new FrameError(`empty shape (${rows}, ${cols}): rows and cols must both be at least 1`);

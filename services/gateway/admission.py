@@ -29,6 +29,7 @@ Reason = Literal[
     "rate_limited",  # over max_messages_per_s
     "too_many_connections",  # over max_connections_per_address
     "unasked_state",  # ready or progress for a shard the gateway did not assign (the connection stays)
+    "quarantined",  # the node lied in an answer not long ago (services/gateway/hub.py): refused at hello
 ]
 
 

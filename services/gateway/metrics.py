@@ -39,3 +39,15 @@ REJECTED = Counter(
     "Connections and messages the node endpoint refused, by reason (services/gateway/admission.py, Reason).",
     ["reason"],
 )
+QUARANTINES = Counter(
+    "synapse_gateway_quarantines_total",
+    "Nodes kept out for a backoff, by cause: answer (for work not given, wrong shape, NaN/Inf) or "
+    "disagreement (a verification recomputed its step elsewhere and got other numbers).",
+    ["cause"],
+)
+VERIFICATIONS = Counter(
+    "synapse_gateway_verifications_total",
+    "Stages recomputed on verifiers, by outcome: agreed, outvoted (a node quarantined), unresolved (two answers "
+    "differ, no majority), incomplete (a verifier could not answer).",
+    ["outcome"],
+)

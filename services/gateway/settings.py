@@ -42,6 +42,10 @@ class GatewaySettings(ServiceSettings):
         3.0, gt=0, description="A node that answers no ping for this long is marked gone."
     )
     step_timeout_s: float = Field(60.0, gt=0, description="Longest one stage may take for one step.")
+    quarantine_s: float = Field(
+        30.0, gt=0, description="How long a node that lied is refused at first; doubles per offense in a day."
+    )
+    quarantine_max_s: float = Field(3600.0, gt=0, description="Longest quarantine of a node.")
     max_frame_bytes: int = Field(
         64 * 1024 * 1024, gt=0, description="Largest WebSocket message accepted; larger closes with 1009."
     )

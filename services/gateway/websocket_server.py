@@ -128,6 +128,11 @@ class NodeEndpoint:
         except ConnectionClosed as closed:
             _report_closed(websocket, None, closed)
             return
+        quarantined = await self.hub.refusal(hello.node_id)
+        if quarantined is not None:
+            log.warning("node_refused", extra={"node": hello.node_id, "why": quarantined})
+            await refuse(websocket, hello.node_id, Refusal("quarantined", f"node {hello.node_id} is {quarantined}"))
+            return
         connection = NodeConnection(
             websocket, record_for(hello, self.hub.gateway_id, self.hub.address), self.settings.max_frame_bytes
         )

@@ -11,10 +11,10 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from services.common.errors import DeadlineExceeded, Unavailable
+from services.common.errors import DeadlineExceeded, Internal, SynapseError, Unavailable
 from services.router import metrics
 from services.router.cluster import Cluster
-from services.router.requests import Generation, TokenEvent, candidates_of
+from services.router.requests import Generation, TokenEvent, rows_of
 from services.router.settings import RouterSettings
 from services.router.topology import Pipeline
 from services.wire import syn1
@@ -81,8 +81,15 @@ class Scheduler:
 
     def __init__(self, engine: Engine, pipeline: Pipeline) -> None:
         self.engine, self.pipeline = engine, pipeline
-        self.route = pipeline.route
+        self.route = pipeline.route()
+        # Verified requests go with a route naming, per stage, the replicas that recompute them; fixed for the
+        # scheduler's life, so a verifier sees a request from its first step (its cache must hold it all).
+        verifiers = engine.cluster.verifiers(pipeline) if engine.settings.verify_fraction else []
+        self.verified_route = pipeline.route(verifiers) if any(verifiers) else self.route
+        self.verifier_ids = sorted({node for stage in verifiers for node in stage})
         self.gateway = engine.gateways.get(pipeline.stages[0].gateway_address)
+        # Drafts need every stage to answer every row of a PREDICTED frame: native nodes do (web nodes not yet).
+        self.draft_tokens = engine.settings.speculate_tokens if pipeline.all_native else 0
         self.requests: list[Generation] = []
         self._wake = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
@@ -102,7 +109,8 @@ class Scheduler:
     async def finish(self, generation: Generation) -> None:
         if generation in self.requests:
             self.requests.remove(generation)
-            await self.gateway.release([generation.wire_id], self.pipeline.node_ids)
+            nodes = self.pipeline.node_ids + (self.verifier_ids if generation.verified else [])
+            await self.gateway.release([generation.wire_id], nodes)
 
     async def _loop(self) -> None:
         stages = len(self.pipeline.stages)
@@ -131,18 +139,40 @@ class Scheduler:
             log.error("step_crashed", exc_info=task.exception())
 
     async def _step(self, batch: list[Generation]) -> None:
-        """Build the step, run it through the pipeline's entry gateway, apply what came back."""
-        batch = await self._drop_expired(batch)
-        if not batch:
-            return
-        step = Step(self.route, tokens=tuple(TokenInput(g.wire_id, g.position, g.pending) for g in batch))
-        started = time.perf_counter()
+        """Build the step, run it through the pipeline's entry gateway, apply what came back.
+
+        Whatever goes wrong ends each request of the batch one way: replayed elsewhere (StepFailed) or
+        failed with the error. A request is never left to be stepped again as if nothing happened: that
+        would spin this loop.
+        """
         try:
-            result = await self.gateway.step(step, self.engine.settings.step_timeout_s)
-        except StepFailed as error:
-            await self._step_failed(self._still_here(batch), error)
-            return
-        await self._apply(self._still_here(batch), result, time.perf_counter() - started)
+            batch = await self._drop_expired(batch)
+            if not batch:
+                return
+            step = self._build(batch)
+            started = time.perf_counter()
+            try:
+                result = await self.gateway.step(step, self.engine.settings.step_timeout_s)
+            except StepFailed as error:
+                await self._step_failed(self._still_here(batch), error)
+                return
+            await self._apply(self._still_here(batch), result, time.perf_counter() - started)
+        except Exception as error:  # a bug or a malformed result: fail the batch loudly, never retry it
+            log.exception("step_crashed", extra={"requests": len(batch)})
+            for generation in batch:
+                await self._fail(generation, error if isinstance(error, SynapseError) else Internal(repr(error)))
+
+    def _build(self, batch: list[Generation]) -> Step:
+        """The step's input: each request's pending tokens, with a draft appended to decode steps."""
+        if self.draft_tokens:
+            n_positions = self.engine.cluster.config.n_positions
+            for generation in batch:
+                generation.propose(self.draft_tokens, n_positions)
+                metrics.SPEC_DRAFTED.inc(len(generation.draft))
+        chunk = self.engine.settings.prefill_chunk
+        items = (TokenInput(g.wire_id, g.position, g.next_input(chunk), predicted=bool(g.draft)) for g in batch)
+        verify = frozenset(g.wire_id for g in batch if g.verified) if self.verifier_ids else frozenset()
+        return Step(self.verified_route if verify else self.route, tokens=tuple(items), verify=verify)
 
     async def _drop_expired(self, batch: list[Generation]) -> list[Generation]:
         now = time.monotonic()
@@ -171,11 +201,22 @@ class Scheduler:
             if frame is None:
                 await self._fail(generation, Unavailable("the last stage returned no output for this request"))
                 continue
-            if generation.position == 0 and not generation.generated:
-                metrics.TOKENS.labels("prompt").inc(len(generation.pending))
-            event = generation.accept(candidates_of(frame.array[-1], frame.token_ids[-1]), compute_ms)
-            metrics.TOKENS.labels("generated").inc()
-            self._emit(generation, event)
+            if not generation.generated and generation.failovers == 0:
+                metrics.TOKENS.labels("prompt").inc(generation.sent)
+            drafted = len(generation.draft)
+            try:
+                events = generation.accept(rows_of(frame), compute_ms)
+            except SynapseError as error:  # e.g. the sampler refusing what came back: this request only
+                log.warning("sample_failed", extra={"request_id": generation.request_id, "error": str(error)})
+                await self._fail(generation, error)
+                continue
+            if drafted:
+                metrics.SPEC_ACCEPTED.inc(len(events) - 1)
+            if not events:
+                continue  # a chunk of a long prompt: no token yet
+            metrics.TOKENS.labels("generated").inc(len(events))
+            for event in events:
+                self._emit(generation, event)
             if generation.done:
                 await self.finish(generation)
 
@@ -193,15 +234,26 @@ class Scheduler:
         for generation in batch:
             if generation in self.requests:
                 self.requests.remove(generation)
-                await self._failover(generation, str(error))
+                background(self._failover(generation, str(error)), self.engine.background)
 
     async def _failover(self, generation: Generation, why: str) -> None:
-        """Replay the request's tokens on a (new) pipeline so its caches are rebuilt; the stream goes on."""
+        """Replay the request's tokens on a (new) pipeline so its caches are rebuilt; the stream goes on.
+
+        Each replay of the same request waits longer (50 ms doubling, at most 2 s), so a fault the cluster
+        has not noticed yet (a gateway that died, say) costs a few quick retries, not a busy loop; past
+        SYNAPSE_ROUTER_MAX_FAILOVERS replays the request ends UNAVAILABLE.
+        """
+        settings = self.engine.settings
         generation.rewind()
         metrics.FAILOVERS.inc()
         log.info("request_failover", extra={"request_id": generation.request_id, "why": why})
+        if generation.failovers > settings.max_failovers:
+            message = f"gave up after {settings.max_failovers} replays; the last failure: {why}"
+            await self._fail(generation, Unavailable(message))
+            return
+        await asyncio.sleep(min(2.0, 0.05 * 2 ** (generation.failovers - 1)) if generation.failovers > 1 else 0)
         try:
-            await self.engine.submit(generation, self.engine.settings.failover_wait_s)
+            await self.engine.submit(generation, settings.failover_wait_s)
         except Unavailable as error:
             await self._fail(generation, error)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -13,12 +14,15 @@ from services.common.logs import request_id_var
 from services.common.model_config_pb import model_config_to_pb
 from services.common.node_status import node_status_pb
 from services.common.pb import router_pb2, router_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
-from services.common.server import channel, request_metadata
+from services.common.server import channel, request_metadata, upstream
 from services.router import convert, metrics
 from services.router.cluster import Cluster
 from services.router.engine import Engine
-from services.router.requests import GenerateParams, Generation, check_prompt
+from services.router.params import GenerateParams, Limits, check_prompt
+from services.router.quota import StreamQuota, client_of
+from services.router.requests import Generation
 from services.router.settings import RouterSettings
+from services.router.speculation import NgramIndex
 from services.router.topology import missing_ranges
 from services.sampler.seeding import SteppedSampler
 from services.tokenizer.tokenization import Tokenizer
@@ -28,6 +32,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def __init__(self, settings: RouterSettings, cluster: Cluster, engine: Engine, tokenizer: Tokenizer) -> None:
         self.settings, self.cluster, self.engine, self.tokenizer = settings, cluster, engine, tokenizer
         self._tokenizer_service = tokenizer_pb2_grpc.TokenizerServiceStub(channel(settings.tokenizer_address))
+        self.limits = Limits(settings.max_tokens_limit, settings.max_prompt_chars, settings.top_k)
+        self.streams = StreamQuota(settings.max_streams_per_client)
+        self._draw = random.Random()  # which requests are verified
 
     async def Generate(
         self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -36,8 +43,13 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         request_id = request.request_id or request_id_var.get() or uuid.uuid4().hex[:16]
         request_id_var.set(request_id)
         params = convert.generate_from_pb(request, request_id)
-        params.validate(self.settings.max_tokens_limit)
-        generation = await self._start(params, context.time_remaining())
+        params.validate(self.limits)
+        with self.streams.hold(client_of(context)):
+            generation = await self._start(params, context.time_remaining())
+            async for response in self._stream(generation):
+                yield response
+
+    async def _stream(self, generation: Generation) -> AsyncIterator[router_pb2.GenerateResponse]:
         metrics.ACTIVE.inc()
         outcome = "cancelled"
         try:
@@ -77,12 +89,17 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             sampler=SteppedSampler(params.sampling, prompt_ids),
             decoder=self.tokenizer.incremental_decoder(),
             deadline=time.monotonic() + time_remaining if time_remaining is not None else None,
+            ngrams=NgramIndex(prompt_ids, self.settings.speculate_ngram) if self.settings.speculate_tokens else None,
+            verified=self._draw.random() < self.settings.verify_fraction,
         )
 
     async def _encode(self, prompt: str) -> list[int]:
-        response = await self._tokenizer_service.Encode(
-            tokenizer_pb2.EncodeRequest(text=prompt), timeout=self.settings.call_timeout_s, metadata=request_metadata()
-        )
+        with upstream("tokenizer"):
+            response = await self._tokenizer_service.Encode(
+                tokenizer_pb2.EncodeRequest(text=prompt),
+                timeout=self.settings.call_timeout_s,
+                metadata=request_metadata(),
+            )
         return list(response.token_ids)
 
     async def ListNodes(

@@ -55,11 +55,12 @@ class Flag(IntFlag):
     QUANTIZED = 1  # set exactly when dtype is I8
     COMPRESSED = 2  # reserved: rejected until a compression scheme is specified
     DELTA = 4  # reserved
-    PREDICTED = 8  # reserved
+    PREDICTED = 8  # TOKENS/ACTIVATION: rows after the first are a speculative draft; the last stage answers each
 
 
 _KNOWN_FLAGS = 0x0F
-_RESERVED_FLAGS = (Flag.COMPRESSED, Flag.DELTA, Flag.PREDICTED)
+_RESERVED_FLAGS = (Flag.COMPRESSED, Flag.DELTA)
+_PREDICTABLE = (MessageType.TOKENS, MessageType.ACTIVATION)
 _ALLOWED_DTYPES = {
     MessageType.ACTIVATION: (DType.F32, DType.F16, DType.I8),
     MessageType.TOKENS: (DType.I32,),
@@ -161,6 +162,8 @@ def _check_header(header: Header, max_payload_bytes: int | None) -> None:
         raise FrameError(
             f"flag QUANTIZED must be set exactly when dtype is I8 (flags 0x{int(header.flags):02x}, dtype {dtype.name})"
         )
+    if header.flags & Flag.PREDICTED and msg_type not in _PREDICTABLE:
+        raise FrameError(f"flag PREDICTED is for TOKENS and ACTIVATION frames, not {msg_type.name}")
     if rows < 1 or cols < 1:
         raise FrameError(f"empty shape ({rows}, {cols}): rows and cols must both be at least 1")
     if msg_type is MessageType.TOKENS and cols != 1:
@@ -214,14 +217,28 @@ class Frame:
                 raise FrameError(f"scales shape {self.scales.shape} != (rows,) = ({self.array.shape[0]},)")
 
     @classmethod
-    def activation(cls, request_id: int, position: int, hidden: np.ndarray, scales: np.ndarray | None = None) -> Frame:
-        """Hidden states (positions, n_embd); pass int8 `hidden` with its (positions,) `scales`."""
-        return cls(MessageType.ACTIVATION, request_id, position, hidden, scales=scales)
+    def activation(
+        cls,
+        request_id: int,
+        position: int,
+        hidden: np.ndarray,
+        scales: np.ndarray | None = None,
+        *,
+        predicted: bool = False,
+    ) -> Frame:
+        """Hidden states (positions, n_embd); pass int8 `hidden` with its (positions,) `scales`. `predicted`
+        carries a draft's flag on from the TOKENS frame the activations came from."""
+        flags = Flag.PREDICTED if predicted else Flag.NONE
+        return cls(MessageType.ACTIVATION, request_id, position, hidden, flags, scales=scales)
 
     @classmethod
-    def tokens(cls, request_id: int, position: int, token_ids: np.ndarray | Iterable[int]) -> Frame:
-        """Token ids (positions,) into the first stage; stored as (positions, 1)."""
-        return cls(MessageType.TOKENS, request_id, position, np.asarray(token_ids).reshape(-1, 1))
+    def tokens(
+        cls, request_id: int, position: int, token_ids: np.ndarray | Iterable[int], *, predicted: bool = False
+    ) -> Frame:
+        """Token ids (positions,) into the first stage; stored as (positions, 1). `predicted`: the ids after
+        the first are a speculative draft, and the last stage answers every row (Flag.PREDICTED)."""
+        flags = Flag.PREDICTED if predicted else Flag.NONE
+        return cls(MessageType.TOKENS, request_id, position, np.asarray(token_ids).reshape(-1, 1), flags)
 
     @classmethod
     def output(cls, request_id: int, position: int, values: np.ndarray, token_ids: np.ndarray) -> Frame:
@@ -241,6 +258,10 @@ class Frame:
     @property
     def rows(self) -> int:
         return self.array.shape[0]
+
+    @property
+    def predicted(self) -> bool:
+        return bool(self.flags & Flag.PREDICTED)
 
     @property
     def cols(self) -> int:

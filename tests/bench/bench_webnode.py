@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from playwright.async_api import async_playwright
 
 from services.common.gpt2.model import GPT2Stage
+from services.common.model_config_pb import model_config_to_pb
 from services.common.pb import common_pb2, gateway_pb2
 from services.node.benchmark import measure_speed
 from services.node.worker import StageWorker
@@ -113,7 +114,7 @@ async def bench_page(manifests: list[ShardManifest], base_url: str, steps: int) 
                 started = time.perf_counter()
                 await gateway.stub.AssignShard(
                     gateway_pb2.AssignShardRequest(
-                        node_id="web-bench", shard_id=manifest.shard_id,
+                        config=model_config_to_pb(manifest.config), node_id="web-bench", shard_id=manifest.shard_id,
                         layers=common_pb2.LayerRange(start=manifest.layer_start, end=manifest.layer_end),
                         shard_url=f"{base_url}/shards/{manifest.file}",
                         manifest_url=f"{base_url}/shards/{manifest.shard_id}.json",

@@ -25,12 +25,21 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from services.common.pb import common_pb2, gateway_pb2
 from services.wire import syn1
 from services.wire.steps import StepFailed
-from tests.integration.gateway_fixtures import RunningGateway, head, hello, reply_bytes, run_client, stage, token_step
+from tests.integration.gateway_fixtures import (
+    FAKE_HIDDEN,
+    RunningGateway,
+    head,
+    hello,
+    reply_bytes,
+    run_client,
+    stage,
+    token_step,
+)
 
 VECTORS = sorted((Path(__file__).parents[1] / "vectors" / "syn1").glob("*.bin"))
 # What a fuzzed connection may be closed with: normal, policy, too big, too many connections, token, rate, replaced,
-# a missed step (1011 only together with a step timeout, which the fuzzer causes on purpose).
-EXPECTED_CLOSES = {1000, 1001, 1008, 1009, 1011, 1013, 4000, 4001, 4029}
+# quarantined (an answer for work not given), a missed step (1011, from a step timeout the fuzzer causes on purpose).
+EXPECTED_CLOSES = {1000, 1001, 1008, 1009, 1011, 1013, 4000, 4001, 4003, 4029}
 NASTY = [2**64, 2**50 + 1, -1, 0, 1e308, "Infinity", None, [], {}, True, "x" * 300, "\ud800", "a\nb", [0, 2**40]]
 SEEDS = [
     hello("seed"),
@@ -155,8 +164,9 @@ async def _stepped(
     welcome = await asyncio.wait_for(websocket.recv(), 5)
     if "welcome" not in str(welcome):
         return
+    config = common_pb2.ModelConfig(n_layer=2, n_head=1, n_embd=FAKE_HIDDEN, vocab_size=1000, n_positions=64)
     request = gateway_pb2.AssignShardRequest(
-        node_id=node_id, shard_id="fuzz-0-1", activation_dtype=common_pb2.DTYPE_INT8
+        node_id=node_id, shard_id="fuzz-0-1", activation_dtype=common_pb2.DTYPE_INT8, config=config
     )
     request.layers.start, request.layers.end = 0, 1
     with contextlib.suppress(Exception):  # the node may be gone already: UNAVAILABLE is an answer too

@@ -62,6 +62,10 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
+# The shape the fake nodes' model has, as the router would send it with an assignment.
+FAKE_CONFIG = common_pb2.ModelConfig(n_layer=2, n_head=1, n_embd=FAKE_HIDDEN, vocab_size=1000, n_positions=64)
+
+
 def output_of(result: StepResult) -> syn1.Frame:
     (frame,) = syn1.decode_frames(result.frames)
     assert frame.msg_type is syn1.MessageType.OUTPUT
@@ -90,7 +94,7 @@ async def test_hello_gets_welcome_and_watch_sees_joined_loading_ready_gone(gatew
         assert joined.node.device == "webgpu: test adapter" and joined.node.memory_bytes == 1 << 30
         request = gateway_pb2.AssignShardRequest(
             node_id="node-a", shard_id="tiny-0-2", shard_url="http://shards/s", manifest_url="http://shards/m",
-            sha256="ab" * 32, size_bytes=1234, top_k=8, activation_dtype=common_pb2.DTYPE_FLOAT16,
+            sha256="ab" * 32, size_bytes=1234, top_k=8, activation_dtype=common_pb2.DTYPE_FLOAT16, config=FAKE_CONFIG,
         )  # fmt: skip
         request.layers.start, request.layers.end = 0, 2
         await gateway.stub.AssignShard(request, timeout=5)
@@ -115,7 +119,10 @@ async def test_hello_gets_welcome_and_watch_sees_joined_loading_ready_gone(gatew
 
 @pytest.mark.timeout(30)
 async def test_assign_to_an_unknown_node_is_unavailable(gateway: RunningGateway) -> None:
-    request = gateway_pb2.AssignShardRequest(node_id="nobody", shard_id="s", activation_dtype=common_pb2.DTYPE_INT8)
+    request = gateway_pb2.AssignShardRequest(
+        node_id="nobody", shard_id="s", activation_dtype=common_pb2.DTYPE_INT8, config=FAKE_CONFIG
+    )
+    request.layers.start, request.layers.end = 0, 2
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await gateway.stub.AssignShard(request, timeout=5)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -126,7 +133,8 @@ async def test_assign_to_an_unknown_node_is_unavailable(gateway: RunningGateway)
 async def test_assign_without_an_activation_dtype_is_invalid(gateway: RunningGateway) -> None:
     """No silent default: the router always names the wire dtype it wants."""
     node = await FakeNode.join(gateway.ws_url, "picky")
-    request = gateway_pb2.AssignShardRequest(node_id="picky", shard_id="s")
+    request = gateway_pb2.AssignShardRequest(node_id="picky", shard_id="s", config=FAKE_CONFIG)
+    request.layers.start, request.layers.end = 0, 2
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await gateway.stub.AssignShard(request, timeout=5)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

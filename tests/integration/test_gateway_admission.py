@@ -15,6 +15,7 @@ from services.common.pb import common_pb2, gateway_pb2
 from services.gateway.admission import CLOSE_POLICY, CLOSE_RATE_LIMITED, CLOSE_TOO_BIG, CLOSE_TRY_AGAIN_LATER
 from services.wire import syn1
 from tests.integration.gateway_fixtures import (
+    FAKE_HIDDEN,
     FakeNode,
     RunningGateway,
     closed_with,
@@ -29,6 +30,8 @@ from tests.integration.gateway_fixtures import (
 from tests.polling import eventually
 
 REJECTED = "synapse_gateway_rejected_messages_total"
+# The fake nodes' model, as the router sends it with an assignment.
+FAKE_CONFIG = common_pb2.ModelConfig(n_layer=2, n_head=1, n_embd=FAKE_HIDDEN, vocab_size=1000, n_positions=64)
 
 
 def rejected(reason: str) -> float:
@@ -46,7 +49,7 @@ async def assert_serves(gateway: RunningGateway, node_id: str) -> None:
 async def assign(gateway: RunningGateway, node_id: str, shard_id: str, start: int, end: int) -> None:
     request = gateway_pb2.AssignShardRequest(
         node_id=node_id, shard_id=shard_id, shard_url="http://s/x", manifest_url="http://s/m", sha256="ab" * 32,
-        size_bytes=10, activation_dtype=common_pb2.DTYPE_FLOAT16,
+        size_bytes=10, activation_dtype=common_pb2.DTYPE_FLOAT16, config=FAKE_CONFIG,
     )  # fmt: skip
     request.layers.start, request.layers.end = start, end
     await gateway.stub.AssignShard(request, timeout=5)
