@@ -98,7 +98,7 @@ def binary(rng: random.Random) -> bytes:
     roll = rng.random()
     if roll < 0.3:
         data = bytearray(rng.choice(VECTORS).read_bytes())
-        for _ in range(rng.randrange(1, 4)):
+        for _ in range(rng.randrange(1, 4) if data else 0):  # empty.bin stays empty
             data[rng.randrange(len(data))] = rng.randrange(256)
         return bytes(data[: rng.randrange(len(data) + 1)])
     if roll < 0.5:
