@@ -11,6 +11,7 @@ export const MAGIC = 0x53594e31; // read as a big-endian u32: the ASCII bytes S 
 export const HEADER_SIZE = 24;
 export const ALIGNMENT = 4;
 export const DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024 * 1024;
+export const DEFAULT_MAX_FRAMES = 1024; // frames in one message: one per request of a step's batch
 
 export const MessageType = Object.freeze({ ACTIVATION: 1, TOKENS: 2, OUTPUT: 3, LOGITS: 4, STATS: 5 });
 export const DType = Object.freeze({ F32: 1, F16: 2, I8: 3, I32: 4 });
@@ -207,12 +208,18 @@ export function decode(buf, { maxPayloadBytes = DEFAULT_MAX_PAYLOAD_BYTES } = {}
 }
 
 /** A message of one or more frames back to back -> frames in order; any defect fails the message. */
-export function decodeFrames(buf, { maxPayloadBytes = DEFAULT_MAX_PAYLOAD_BYTES } = {}) {
+export function decodeFrames(
+  buf,
+  { maxPayloadBytes = DEFAULT_MAX_PAYLOAD_BYTES, maxFrames = DEFAULT_MAX_FRAMES } = {},
+) {
   const bytes = asBytes(buf);
   if (bytes.length === 0) throw new FrameError("empty message: it holds no frames");
   const frames = [];
   let offset = 0;
   while (offset < bytes.length) {
+    if (frames.length === maxFrames) {
+      throw new FrameError(`frame ${frames.length} at byte ${offset}: a message holds at most ${maxFrames} frames`);
+    }
     let frame;
     try {
       [frame, offset] = decodeAt(bytes, offset, maxPayloadBytes);

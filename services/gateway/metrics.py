@@ -44,10 +44,10 @@ HOP_BYTES_PER_TOKEN = Histogram(
 )
 HOP_BYTES = Counter("synapse_gateway_hop_bytes_total", "Bytes moved to and from nodes.", ["direction"])
 STEPS = Counter("synapse_gateway_steps_total", "Route steps run by this gateway, by outcome.", ["outcome"])
-FRAMES_REJECTED = Counter(
+REJECTED = Counter(
     "synapse_gateway_rejected_messages_total",
-    "Malformed node messages (connection closed), by kind.",
-    ["kind"],
+    "Connections and messages the node endpoint refused, by reason (services/gateway/admission.py, Reason).",
+    ["reason"],
 )
 QUARANTINES = Counter(
     "synapse_gateway_quarantines_total",

@@ -66,6 +66,7 @@ class NodeAgent:
             device=str(self.device),
             memory_bytes=self.memory_bytes,
             speed=self.speed,
+            join_token=self.settings.join_token,
         )
 
     async def run_forever(self) -> None:

@@ -41,3 +41,6 @@ class NodeSettings(ProcessSettings):
         "catch); never_ready accepts assignments and never loads them (what the load deadline must catch).",
     )
     tls_ca: Path | None = Field(None, description="CA/self-signed certificate to trust for wss:// gateways.")
+    join_token: str = Field(
+        "", max_length=512, description="Join token shown at hello (`synapse token` issues one); empty = none."
+    )

@@ -23,7 +23,7 @@ from websockets.exceptions import InvalidHandshake
 
 from services.cli import main as synapse
 from services.common.pb import common_pb2, gateway_pb2
-from services.gateway import redis_registry, websocket_server
+from services.gateway import redis_registry
 from services.gateway.websocket_server import CLOSE_POLICY
 from services.launcher import free_port
 from services.wire import syn1
@@ -236,6 +236,10 @@ INSTEAD_OF_HELLO = {
     "hello with an unknown node kind": (json.dumps(hello("x", node_kind="toaster")), "node_kind"),
     "hello without node_id": (json.dumps({**hello("x"), "node_id": ""}), "node_id"),
     "hello of another protocol": (json.dumps(hello("x", protocol=99)), "protocol 99"),
+    "hello with memory_bytes 2^64": (json.dumps(hello("x", memory_bytes=2**64)), "memory_bytes"),
+    "hello with speed 1e999": (json.dumps(hello("x"))[:-1] + ', "speed": 1e999}', "speed"),
+    "hello with speed NaN": (json.dumps(hello("x", speed=float("nan"))), "NaN is not a JSON value"),
+    "hello with an unsafe node_id": (json.dumps(hello("x y\nnode_joined")), "node_id"),
 }
 
 
@@ -256,12 +260,10 @@ async def test_bad_first_message_is_refused(gateway: RunningGateway, case: str) 
 
 
 @pytest.mark.timeout(30)
-async def test_connection_that_never_says_hello_is_refused(
-    gateway: RunningGateway, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(websocket_server, "HELLO_TIMEOUT_S", 0.2)
-    websocket = await connect(gateway.ws_url, close_timeout=1)
-    received, code = await closed_with(websocket)
+async def test_connection_that_never_says_hello_is_refused() -> None:
+    async with running_gateway(hello_timeout_s=0.2) as gateway:
+        websocket = await connect(gateway.ws_url, close_timeout=1)
+        received, code = await closed_with(websocket)
     assert code == CLOSE_POLICY
     assert received == [{"kind": "error", "message": "no hello within 0.2 s of connecting", "fatal": True}]
 

@@ -126,7 +126,7 @@ async def test_gateway_metrics_after_real_traffic() -> None:
 
 
 @pytest.mark.timeout(60)
-async def test_rejected_messages_are_counted_by_kind() -> None:
+async def test_rejected_messages_are_counted_by_reason() -> None:
     port = start_metrics_server(0, host="127.0.0.1")
     assert port
     async with running_gateway() as gateway:
@@ -137,8 +137,8 @@ async def test_rejected_messages_are_counted_by_kind() -> None:
             await asyncio.wait_for(node.websocket.wait_closed(), 5)
         await _until_left(gateway, {"bad-text", "bad-frame"})
         delta = Delta(before, await scrape(port))
-    assert delta("synapse_gateway_rejected_messages_total", kind="control") == 1
-    assert delta("synapse_gateway_rejected_messages_total", kind="frame") == 1
+    assert delta("synapse_gateway_rejected_messages_total", reason="control") == 1
+    assert delta("synapse_gateway_rejected_messages_total", reason="frame") == 1
 
 
 async def _until_left(gateway: RunningGateway, node_ids: set[str]) -> None:

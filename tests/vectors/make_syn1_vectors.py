@@ -138,6 +138,7 @@ def invalid_messages() -> list[tuple[str, str, bytes]]:
     reserved[7] = 1
     padding = bytearray(f16)
     padding[-1] = 7
+    token = syn1.encode(Frame.tokens(1, 0, [464]))
     return [
         ("empty", "decode_frames", b""),
         ("short_header", "decode", good[:10]),
@@ -167,6 +168,7 @@ def invalid_messages() -> list[tuple[str, str, bytes]]:
         ("trailing_bytes", "decode", good + bytes(4)),
         ("multi_second_truncated", "decode_frames", good + f16[:100]),
         ("multi_garbage_tail", "decode_frames", good + f16 + b"hello"),
+        ("multi_too_many_frames", "decode_frames", token * (syn1.DEFAULT_MAX_FRAMES + 1)),
     ]
 
 
@@ -207,6 +209,7 @@ def build(out_dir: Path) -> None:
     index = {
         "format": "SYN1 vectors (docs/wire-protocol.md), made by python -m tests.vectors.make_syn1_vectors",
         "max_payload_bytes": syn1.DEFAULT_MAX_PAYLOAD_BYTES,
+        "max_frames": syn1.DEFAULT_MAX_FRAMES,
         "valid": valid,
         "invalid": invalid,
         "f16_conversion": f16_conversion_table(),
