@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from services.common.join_tokens import issue, new_secret
 from services.common.pb import router_pb2, router_pb2_grpc
 from services.launcher import free_port
 from tests.checkpoints import load_reference, make_random_checkpoint
@@ -30,6 +31,8 @@ from tests.deploy.images import build_images
 from tests.e2e.conftest import SHAPE
 
 GATEWAYS = 3
+JOIN_SECRET = new_secret()
+JOIN_TOKEN = issue(JOIN_SECRET, expires_at=int(time.time()) + 86400)  # any node id, for a day
 NODES = 2
 SERVICES = ["redis", "tokenizer", "sampler", "sharder", "gateway", "router", "certs", "loadbalancer", "prometheus"]
 
@@ -104,6 +107,9 @@ def compose_env(images_env: dict[str, str], ports: dict[str, int], checkpoint: P
         "SYNAPSE_SHARD_DTYPE": "float32",  # exact greedy tokens, as tests/e2e runs
         "SYNAPSE_ACTIVATION_DTYPE": "float32",
         "SYNAPSE_TEST_MODEL_DIR": str(checkpoint),
+        # A closed stack, as in production: nodes need a join token.
+        "SYNAPSE_JOIN_SECRETS": JOIN_SECRET,
+        "SYNAPSE_JOIN_TOKEN": JOIN_TOKEN,
     }
 
 

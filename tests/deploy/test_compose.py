@@ -12,14 +12,20 @@ import base64
 import hashlib
 import json
 import re
+import ssl
 import threading
 import time
+import urllib.parse
+from pathlib import Path
 
 import grpc
 import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
 
 from services.common.pb import router_pb2, router_pb2_grpc
-from tests.deploy.conftest import GATEWAYS, NODES, Deployment, has_finite_value, stop_container
+from services.wire import control
+from tests.deploy.conftest import GATEWAYS, JOIN_TOKEN, NODES, Deployment, has_finite_value, stop_container
 from tests.deploy.docker import REPO, left_behind, run
 from tests.e2e.conftest import greedy_reference
 from tests.webnode.conftest import CHROMIUM, CHROMIUM_ARGS
@@ -109,16 +115,46 @@ def spki_hash(certificate_pem: bytes) -> str:
     return base64.b64encode(hashlib.sha256(der).digest()).decode()
 
 
-def test_a_browser_node_joins_over_wss_and_serves_a_stage(deployment: Deployment, tmp_path) -> None:
+def stack_certificate(deployment: Deployment, folder: Path) -> Path:
+    """The certificate the stack made (`synapse certs`, in the certs volume), copied out of the certs container."""
+    (certs,) = deployment.compose.container_ids("certs", all_states=True)
+    run(["docker", "cp", f"{certs}:/certs/gateway-cert.pem", str(folder / "cert.pem")])
+    return folder / "cert.pem"
+
+
+def hello_through_the_load_balancer(deployment: Deployment, certificate: Path, token: str) -> list[str]:
+    """A native node's hello over wss through the load balancer: the kinds of the gateway's answers until its
+    welcome, or until it closes the connection ("closed <code>")."""
+    tls = ssl.create_default_context(cafile=str(certificate))
+    hello = control.Hello(
+        kind="hello", node_id="probe", node_kind="native", memory_bytes=1 << 30, speed=1.0, join_token=token
+    )
+    url = f"wss://127.0.0.1:{deployment.https_port}/ws"  # 127.0.0.1 is in the certificate's names
+    answers: list[str] = []
+    with connect(url, ssl=tls, open_timeout=10, proxy=None) as websocket:
+        websocket.send(control.dump(hello))
+        try:
+            while "welcome" not in answers:
+                answers.append(json.loads(websocket.recv(timeout=10))["kind"])
+        except ConnectionClosed as closed:
+            answers.append(f"closed {closed.rcvd.code if closed.rcvd else None}")
+    return answers
+
+
+def test_the_stack_admits_only_nodes_with_a_join_token(deployment: Deployment, tmp_path: Path) -> None:
+    certificate = stack_certificate(deployment, tmp_path)
+    assert hello_through_the_load_balancer(deployment, certificate, "") == ["error", "closed 4001"]
+    assert hello_through_the_load_balancer(deployment, certificate, JOIN_TOKEN) == ["welcome"]
+
+
+def test_a_browser_node_joins_over_wss_and_serves_a_stage(deployment: Deployment, tmp_path: Path) -> None:
     from playwright.sync_api import sync_playwright
 
-    # The certificate the stack made (`synapse certs`, in the certs volume), trusted by its key only.
-    (certs,) = deployment.compose.container_ids("certs", all_states=True)
-    run(["docker", "cp", f"{certs}:/certs/gateway-cert.pem", str(tmp_path / "cert.pem")])
-    trust = f"--ignore-certificate-errors-spki-list={spki_hash((tmp_path / 'cert.pem').read_bytes())}"
+    trust = f"--ignore-certificate-errors-spki-list={spki_hash(stack_certificate(deployment, tmp_path).read_bytes())}"
     # One native node leaves, so the plan needs the browser.
     stop_container(deployment.compose.container_ids("node")[0])
-    url = f"https://synapse.localhost:{deployment.https_port}/?node_id=web-0&speed=3.0"
+    query = urllib.parse.urlencode({"node_id": "web-0", "speed": 3.0, "join_token": JOIN_TOKEN})
+    url = f"https://synapse.localhost:{deployment.https_port}/?{query}"
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[*CHROMIUM_ARGS, trust], headless=True)
         try:
