@@ -227,7 +227,9 @@ def main() -> None:
         f"medians of {args.prefills} prefills and {args.steps} decode steps (native: {max(args.prefills, 4)} and "
         f"{max(args.steps, NATIVE_STEPS)}); torch threads {torch.get_num_threads()}; {os.cpu_count()} CPUs"
     )
-    print(f"web node adapter: {page_state['device']} ({'shader-f16' if page_state['f16'] else 'f32 compute'})")
+    kind = "a CPU adapter: matvec for every row count" if page_state["cpu"] else "a GPU adapter"
+    compute = "shader-f16" if page_state["f16"] else "f32 compute"
+    print(f"web node adapter: {page_state['device']} ({compute}; {kind})")
     print(f"start-up speed (GPT-2 layer passes/s): native {native_speed:.1f}, web {page_state['speed']:.1f}")
     print_table(manifests, native, page)
 

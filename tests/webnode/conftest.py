@@ -1,8 +1,9 @@
-"""Browser fixtures for the web node tests: one headless Chromium per test module (Playwright, Debian's chromium),
-WebGPU on the CPU through SwiftShader, pages with their console and network logs kept for assertions.
+"""Fixtures of the web node tests: wgpu-py devices for the WGSL kernel tests, and for the page tests one
+headless Chromium per test module (Playwright, Debian's chromium), WebGPU on the CPU through SwiftShader, pages
+with their console and network logs kept for assertions.
 
-The kernel tests in this folder (wgpu-py) use none of this. Tests that use these fixtures run on the module's
-event loop: put `pytestmark = pytest.mark.asyncio(loop_scope="module")` in the module.
+Tests that use the browser fixtures run on the module's event loop: put
+`pytestmark = pytest.mark.asyncio(loop_scope="module")` in the module.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ from dataclasses import dataclass, field
 
 import pytest
 import pytest_asyncio
+import wgpu
 from playwright.async_api import Browser, BrowserContext, ConsoleMessage, Page, Request, async_playwright
+
+from tests.webnode.wgsl_runner import NoAdapter, WgslRunner, request_adapter, request_f16_adapter
 
 CHROMIUM = "/usr/bin/chromium"
 # --enable-unsafe-webgpu alone gives a SwiftShader (Vulkan on the CPU) adapter in headless Chromium; the
@@ -39,6 +43,32 @@ PROBE_SCRIPT = """async () => {
   const adapter = await navigator.gpu.requestAdapter();
   return adapter ? "" : "navigator.gpu.requestAdapter() returned null";
 }"""
+
+
+# ---- wgpu-py, for the kernel tests ----
+
+
+@pytest.fixture(scope="module")
+def adapter() -> wgpu.GPUAdapter:
+    try:
+        return request_adapter()
+    except NoAdapter as error:
+        print(f"skipping the WGSL kernel tests: {error}")
+        pytest.skip(str(error))
+
+
+@pytest.fixture(scope="module")
+def gpu(adapter: wgpu.GPUAdapter) -> WgslRunner:
+    return WgslRunner(adapter)
+
+
+@pytest.fixture(scope="module")
+def gpu_f16() -> WgslRunner:
+    """A device with shader-f16. It fails rather than skips: setup installs lavapipe, which has it."""
+    return WgslRunner(request_f16_adapter(), shader_f16=True)
+
+
+# ---- Chromium, for the page tests ----
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The JavaScript SYN1 codec's own tests (node --test) run in the same suite, against the shared vectors."""
+"""The JavaScript tests of tests/webnode/ (node --test) in the same suite: the SYN1 codec against the shared
+vectors (syn1.test.mjs) and the page's pure modules (page_modules.test.mjs)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_javascript_codec_passes_the_shared_vectors() -> None:
+def test_the_javascript_tests_pass() -> None:
     node = shutil.which("node")
     assert node, "Node.js is not installed: run `bash ops/setup.sh`"
     result = subprocess.run([node, "--test", "tests/webnode/"], cwd=ROOT, capture_output=True, text=True, timeout=120)

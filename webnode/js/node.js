@@ -144,7 +144,7 @@ export class WebNode {
     if (!current()) return null;
     const tensors = parseSafetensors(shard.bytes, shard.manifest);
     const { memoryBytes, maxBindingBytes } = this;
-    const options = { f16: this.gpu.f16, memoryBytes, maxBindingBytes, topK: assign.top_k };
+    const options = { f16: this.gpu.f16, cpu: this.gpu.cpu, memoryBytes, maxBindingBytes, topK: assign.top_k };
     const stage = await withErrorScopes(this.kernels.device, "uploading the shard", async () => {
       const built = new Gpt2Stage(this.kernels, shard.manifest, tensors, options);
       await this.kernels.device.queue.onSubmittedWorkDone();

@@ -13,6 +13,7 @@ export const status = {
   nodeId: "",
   device: "",
   f16: false,
+  cpu: false, // a fallback (CPU) adapter: matvec.wgsl for every row count
   limits: {},
   memoryBytes: 0,
   speed: 0,
