@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import grpc
 
@@ -13,9 +14,18 @@ from services.common.server import CHANNEL_OPTIONS
 class SynapseClient:
     """One long-lived channel to the router. Use as a context manager, or call close()."""
 
-    def __init__(self, address: str = "127.0.0.1:50050") -> None:
-        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    def __init__(
+        self, address: str = "127.0.0.1:50050", *, token: str | None = None, tls_ca: Path | str | None = None
+    ) -> None:
+        """`token`: the router's API token, sent as a bearer token. `tls_ca`: a certificate to trust for a
+        router serving TLS (a self-signed one); None = plaintext."""
+        if tls_ca is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
+            self.channel = grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
+        else:
+            self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.stub = router_pb2_grpc.RouterServiceStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
     def generate(
         self,
@@ -41,17 +51,17 @@ class SynapseClient:
             request.prompt = prompt
         else:
             request.prompt_token_ids.ids.extend(prompt)
-        yield from self.stub.Generate(request, timeout=timeout_s)
+        yield from self.stub.Generate(request, timeout=timeout_s, metadata=self.metadata)
 
     def complete(self, prompt: str | Sequence[int], **options: object) -> str:
         """The whole generated text at once."""
         return "".join(response.text for response in self.generate(prompt, **options))
 
     def nodes(self) -> list[router_pb2.NodeStatus]:
-        return list(self.stub.ListNodes(router_pb2.ListNodesRequest(), timeout=10).nodes)
+        return list(self.stub.ListNodes(router_pb2.ListNodesRequest(), timeout=10, metadata=self.metadata).nodes)
 
     def topology(self) -> router_pb2.TopologyResponse:
-        return self.stub.Topology(router_pb2.TopologyRequest(), timeout=10)
+        return self.stub.Topology(router_pb2.TopologyRequest(), timeout=10, metadata=self.metadata)
 
     def close(self) -> None:
         self.channel.close()

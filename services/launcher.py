@@ -112,12 +112,13 @@ class Stack:
                 name=f"gateway-{index}",
             )
         self.wait_healthy(timeout_s)
+        # With Redis the gateways register themselves and the router finds them; without, it is told.
         gateways = ",".join(f'"127.0.0.1:{grpc_port}"' for grpc_port, _ in self.gateway_ports)
         self._spawn(
             "router",
             {
                 "PORT": self.ports["router"],
-                "GATEWAYS": f"[{gateways}]",
+                "GATEWAYS": "[]" if self.redis_url else f"[{gateways}]",
                 "TOKENIZER_ADDRESS": f"127.0.0.1:{self.ports['tokenizer']}",
                 "SHARDER_ADDRESS": f"127.0.0.1:{self.ports['sharder']}",
                 **common,

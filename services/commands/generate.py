@@ -18,6 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--stats", action="store_true", help="print timing and usage at the end")
+    parser.add_argument("--token", default=None, help="API token, when the router asks for one")
+    parser.add_argument("--tls-ca", default=None, help="certificate to trust for a router serving TLS")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from services.client import SynapseClient
 
     last = None
-    with SynapseClient(args.router) as client:
+    with SynapseClient(args.router, token=args.token, tls_ca=args.tls_ca) as client:
         try:
             sys.stdout.write(args.prompt)
             for response in client.generate(

@@ -6,13 +6,31 @@ Messages say what is wrong and what to do next.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 
 class SynapseError(Exception):
     """Base of every error Synapse raises on purpose."""
 
-    status: ClassVar[str] = "INTERNAL"
+    status: str = "INTERNAL"  # a grpc.StatusCode name; per class, or per instance (UpstreamError)
+
+
+class Internal(SynapseError):
+    """A bug or broken invariant; the message says where. Never retried."""
+
+    status = "INTERNAL"
+
+
+class Unauthenticated(SynapseError):
+    """The caller sent no credentials, or ones that are not valid."""
+
+    status = "UNAUTHENTICATED"
+
+
+class UpstreamError(SynapseError):
+    """A service this one called answered with an error: its status and message reach our caller as they were."""
+
+    def __init__(self, service: str, status: str, message: str) -> None:
+        super().__init__(f"{service}: {message}")
+        self.status = status
 
 
 class InvalidArgument(SynapseError, ValueError):

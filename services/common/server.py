@@ -3,24 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hmac
 import logging
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common.errors import SynapseError
+from services.common.errors import SynapseError, Unauthenticated, UpstreamError
 from services.common.logs import request_id_var
 from services.common.metrics import GRPC_DURATION, GRPC_HANDLED
 
 log = logging.getLogger(__name__)
 
 REQUEST_ID_KEY = "x-request-id"
+AUTHORIZATION_KEY = "authorization"
 # Large enough for full-logit tensors of big vocabularies; decode frames are tiny.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CHANNEL_OPTIONS = [
@@ -40,6 +44,17 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
         if key == REQUEST_ID_KEY and value:
             return str(value)
     return uuid.uuid4().hex[:16]
+
+
+def _check_bearer(context: grpc.aio.ServicerContext, tokens: tuple[bytes, ...]) -> None:
+    """UNAUTHENTICATED unless the call carries `authorization: Bearer <one of tokens>` (constant-time compare)."""
+    value = next((str(v) for k, v in context.invocation_metadata() or () if k == AUTHORIZATION_KEY), "")
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthenticated("this API needs `authorization: Bearer <token>` metadata (an API token)")
+    offered = token.strip().encode()
+    if not any(hmac.compare_digest(offered, known) for known in tokens):
+        raise Unauthenticated("the bearer token is not valid here; ask the operator for a current API token")
 
 
 class _Call:
@@ -74,10 +89,14 @@ class _Call:
         GRPC_DURATION.labels(self.service, self.method).observe(time.perf_counter() - self.started)
 
 
-def _wrap_unary(service: str, method: str, behaviour: Callable[..., Awaitable[Any]]) -> Callable:
+def _wrap_unary(
+    service: str, method: str, behaviour: Callable[..., Awaitable[Any]], tokens: tuple[bytes, ...]
+) -> Callable:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         call = _Call(service, method, context)
         try:
+            if tokens:
+                _check_bearer(context, tokens)
             response = await behaviour(request, context)
         except BaseException as error:
             await call.fail(error)
@@ -88,10 +107,14 @@ def _wrap_unary(service: str, method: str, behaviour: Callable[..., Awaitable[An
     return wrapper
 
 
-def _wrap_stream(service: str, method: str, behaviour: Callable[..., AsyncIterator[Any]]) -> Callable:
+def _wrap_stream(
+    service: str, method: str, behaviour: Callable[..., AsyncIterator[Any]], tokens: tuple[bytes, ...]
+) -> Callable:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         call = _Call(service, method, context)
         try:
+            if tokens:
+                _check_bearer(context, tokens)
             async for response in behaviour(request, context):
                 yield response
         except BaseException as error:
@@ -103,10 +126,12 @@ def _wrap_stream(service: str, method: str, behaviour: Callable[..., AsyncIterat
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Maps domain errors to statuses, counts and times calls, binds the request id to the logs."""
+    """Maps domain errors to statuses, counts and times calls, binds the request id to the logs; with API
+    tokens, refuses calls without one (health and reflection stay open, for probes and grpcurl)."""
 
-    def __init__(self, service: str) -> None:
+    def __init__(self, service: str, api_tokens: Iterable[str] = ()) -> None:
         self.service = service
+        self.tokens = tuple(token.encode() for token in api_tokens if token)
 
     async def intercept_service(
         self,
@@ -127,7 +152,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             behaviour = getattr(handler, kind)
             if behaviour is not None:
                 return make(
-                    wrap(self.service, method, behaviour),
+                    wrap(self.service, method, behaviour, self.tokens),
                     request_deserializer=handler.request_deserializer,
                     response_serializer=handler.response_serializer,
                 )
@@ -135,17 +160,36 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
 
 class GrpcServer:
-    """A grpc.aio server with health + reflection, started on host:port (0 = any free port)."""
+    """A grpc.aio server with health + reflection, started on host:port (0 = any free port).
 
-    def __init__(self, service: str, service_names: Iterable[str], *, host: str, port: int, grace_s: float) -> None:
+    With `tls` (certificate, key) it serves TLS; with `api_tokens`, every call but health and reflection
+    needs one as a bearer token.
+    """
+
+    def __init__(
+        self,
+        service: str,
+        service_names: Iterable[str],
+        *,
+        host: str,
+        port: int,
+        grace_s: float,
+        tls: tuple[Path, Path] | None = None,
+        api_tokens: Iterable[str] = (),
+    ) -> None:
         self.service = service
         self.grace_s = grace_s
-        self.server = grpc.aio.server(interceptors=[ServiceInterceptor(service)], options=CHANNEL_OPTIONS)
+        interceptor = ServiceInterceptor(service, api_tokens)
+        self.server = grpc.aio.server(interceptors=[interceptor], options=CHANNEL_OPTIONS)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.names = list(service_names)
         reflection.enable_server_reflection([*self.names, reflection.SERVICE_NAME, health.SERVICE_NAME], self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if tls is None:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
+        else:
+            credentials = grpc.ssl_server_credentials([(tls[1].read_bytes(), tls[0].read_bytes())])
+            self.port = self.server.add_secure_port(f"{host}:{port}", credentials)
         self.address = f"{host}:{self.port}"
         self._stopped = asyncio.Event()
         self._started = False
@@ -194,6 +238,16 @@ async def run_until_signal(server: GrpcServer, *cleanups: Callable[[], Awaitable
 def channel(target: str) -> grpc.aio.Channel:
     """One long-lived insecure channel per upstream (loopback or a private network)."""
     return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+
+
+@contextlib.contextmanager
+def upstream(service: str) -> Iterator[None]:
+    """Calls to another service inside this block fail as UpstreamError with that service's own status and
+    message, so our caller sees them as they were (INVALID_ARGUMENT stays INVALID_ARGUMENT), not INTERNAL."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as error:
+        raise UpstreamError(service, error.code().name, error.details() or error.code().name) from None
 
 
 def request_metadata() -> tuple[tuple[str, str], ...]:

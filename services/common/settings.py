@@ -11,13 +11,14 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-class ServiceSettings(BaseSettings):
-    """Base of every service's settings; subclasses set `model_config` with their own env prefix."""
+class ProcessSettings(BaseSettings):
+    """What every Synapse process has, gRPC server or not (the native node has none): metrics and logs.
+
+    Subclasses set `model_config` with their own env prefix.
+    """
 
     model_config = SettingsConfigDict(env_prefix="SYNAPSE_", extra="ignore")
 
-    host: str = Field("127.0.0.1", description="Address the gRPC server binds to (0.0.0.0 in containers).")
-    port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one (logged at start).")
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="Prometheus /metrics port; unset = no metrics endpoint, 0 = any."
     )
@@ -25,6 +26,13 @@ class ServiceSettings(BaseSettings):
     log_format: Literal["auto", "json", "text"] = Field(
         "auto", description="json for containers, text for terminals; auto picks by whether stderr is a TTY."
     )
+
+
+class ServiceSettings(ProcessSettings):
+    """Base of every gRPC service's settings: where the server binds and how it shuts down."""
+
+    host: str = Field("127.0.0.1", description="Address the gRPC server binds to (0.0.0.0 in containers).")
+    port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one (logged at start).")
     shutdown_grace_s: float = Field(
         5.0, gt=0, description="Seconds in-flight calls get to finish after SIGTERM before they are cut."
     )

@@ -11,25 +11,36 @@ from services.common.metrics import start_metrics_server
 from services.common.pb import gateway_pb2, gateway_pb2_grpc
 from services.common.server import GrpcServer, run_until_signal
 from services.gateway.hub import Hub
-from services.gateway.registry import MemoryRegistry
+from services.gateway.registry import MemoryRegistry, Registry
 from services.gateway.servicer import GatewayServicer
 from services.gateway.settings import GatewaySettings
 from services.gateway.websocket_server import NodeEndpoint
 
 
-def make_registry(settings: GatewaySettings) -> MemoryRegistry:
+def make_registry(settings: GatewaySettings) -> Registry:
     if settings.redis_url:
         from services.gateway.redis_registry import RedisRegistry
 
-        return RedisRegistry(settings.redis_url)  # type: ignore[return-value]
+        return RedisRegistry(settings.redis_url)
     return MemoryRegistry()
+
+
+def advertised_address(host: str, port: int) -> str:
+    """host:port others reach this gateway's gRPC at. Bound to every interface (0.0.0.0, as in a container),
+    that is the address this machine's hostname resolves to: on a compose network, the container's own."""
+    if host not in ("0.0.0.0", "::", ""):
+        return f"{host}:{port}"
+    try:
+        return f"{socket.gethostbyname(socket.gethostname())}:{port}"
+    except OSError:
+        return f"127.0.0.1:{port}"
 
 
 async def start_gateway(settings: GatewaySettings) -> tuple[GrpcServer, NodeEndpoint, Hub]:
     """Start every part; returns them so tests can run a gateway in-process."""
     name = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
     server = GrpcServer("gateway", [name], host=settings.host, port=settings.port, grace_s=settings.shutdown_grace_s)
-    address = settings.advertise_address or server.address
+    address = settings.advertise_address or advertised_address(settings.host, server.port)
     gateway_id = settings.gateway_id or f"{socket.gethostname()}-{os.getpid()}-{server.port}"
     registry = make_registry(settings)
     await registry.start(gateway_id, address)

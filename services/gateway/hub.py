@@ -5,19 +5,21 @@ from __future__ import annotations
 import logging
 import time
 
-from services.common.pb import gateway_pb2
+from services.common.errors import Unavailable
+from services.common.nodes import NodeRecord
 from services.gateway import metrics
-from services.gateway.nodes import NodeConnection, NodeGone, StepFailedOnNode, StepReply
-from services.gateway.registry import MemoryRegistry, NodeRecord
+from services.gateway.nodes import NodeConnection, StepReply
+from services.gateway.registry import Registry
 from services.wire import syn1
-from services.wire.control import Hello, Release, dump
+from services.wire.control import Assign, Hello, Release, dump
 from services.wire.gateway_client import GatewayClients
+from services.wire.steps import Hop, Stage, Step, StepFailed, StepResult
 
 log = logging.getLogger(__name__)
 
 
 class Hub:
-    def __init__(self, gateway_id: str, address: str, registry: MemoryRegistry, step_timeout_s: float) -> None:
+    def __init__(self, gateway_id: str, address: str, registry: Registry, step_timeout_s: float) -> None:
         self.gateway_id = gateway_id
         self.address = address
         self.registry = registry
@@ -37,11 +39,7 @@ class Hub:
         metrics.NODE_EVENTS.labels("joined").inc()
         log.info(
             "node_joined",
-            extra={
-                "node": connection.node_id,
-                "kind": connection.record.kind,
-                "speed": connection.record.speed,
-            },
+            extra={"node": connection.node_id, "kind": connection.record.kind, "speed": connection.record.speed},
         )
 
     async def update(self, connection: NodeConnection, **changes: object) -> None:
@@ -58,17 +56,12 @@ class Hub:
         metrics.NODES_ONLINE.labels(connection.record.kind).dec()
         log.info("node_left", extra={"node": connection.node_id, "why": why})
 
-    async def assign(self, request: gateway_pb2.AssignShardRequest, assign_text: str) -> None:
-        connection = self.connections.get(request.node_id)
+    async def assign(self, node_id: str, assign: Assign) -> None:
+        connection = self.connections.get(node_id)
         if connection is None:
-            raise NodeGone(request.node_id, f"not connected to gateway {self.gateway_id}")
-        await self.update(
-            connection,
-            state="loading",
-            layers=(request.layers.start, request.layers.end),
-            shard_id=request.shard_id,
-        )
-        await connection.send_text(assign_text)
+            raise Unavailable(f"node {node_id} is not connected to gateway {self.gateway_id}; re-plan without it")
+        await self.update(connection, state="loading", layers=assign.layers, shard_id=assign.shard_id)
+        await connection.send_text(dump(assign))
 
     async def release(self, request_ids: list[int], node_ids: list[str]) -> None:
         text = dump(Release(request_ids=request_ids))
@@ -79,81 +72,69 @@ class Hub:
 
     # --- steps ----------------------------------------------------------------------------------
 
-    async def run_step(self, request: gateway_pb2.StepRequest) -> gateway_pb2.StepResponse:
-        """Run the route's stages in order; forward to a peer gateway where a stage lives elsewhere."""
-        response = gateway_pb2.StepResponse(step_id=request.step_id)
+    async def run_step(self, step: Step) -> StepResult:
+        """Run the route's stages in order; forward to a peer gateway where a stage lives elsewhere.
+
+        Every failure raises StepFailed: naming the node that failed or vanished, or for frames that
+        do not parse, none.
+        """
         try:
             encode_started = time.perf_counter()
-            message = self._first_message(request)
+            message = step.frames or syn1.encode_frames(
+                syn1.Frame.tokens(item.request_id, item.position, item.token_ids) for item in step.tokens
+            )
             encode_s = time.perf_counter() - encode_started
-            for index, stage in enumerate(request.route):
+            hops: list[Hop] = []
+            for index, stage in enumerate(step.route):
                 if stage.gateway_address and stage.gateway_address != self.address:
-                    forwarded = await self._forward(request, index, message)
-                    response.hops.extend(forwarded.hops)
-                    response.frames = forwarded.frames
-                    if forwarded.HasField("error"):
-                        response.error.CopyFrom(forwarded.error)
-                    return response
-                message = await self._run_stage(stage, message, response, encode_s if index == 0 else 0.0)
-            response.frames = message
-            metrics.STEPS.labels("ok").inc()
-        except (NodeGone, StepFailedOnNode) as error:
-            metrics.STEPS.labels("node_gone" if isinstance(error, NodeGone) else "node_failed").inc()
-            response.error.node_id, response.error.message = error.node_id, str(error)
-            response.error.node_gone = isinstance(error, NodeGone)
+                    forwarded = await self._forward(step, index, message)
+                    metrics.STEPS.labels("ok").inc()
+                    return StepResult(forwarded.frames, (*hops, *forwarded.hops))
+                message = await self._run_stage(stage, message, hops, encode_s if index == 0 else 0.0)
+        except StepFailed as error:
+            metrics.STEPS.labels("node_gone" if error.node_gone else "node_failed").inc()
+            raise
         except syn1.FrameError as error:
             metrics.STEPS.labels("bad_frames").inc()
-            response.error.message = f"bad frames: {error}"
-        return response
+            raise StepFailed(f"bad frames: {error}") from None
+        metrics.STEPS.labels("ok").inc()
+        return StepResult(message, tuple(hops))
 
-    def _first_message(self, request: gateway_pb2.StepRequest) -> bytes:
-        if request.WhichOneof("input") == "frames":
-            return request.frames
-        frames = [
-            syn1.Frame.tokens(item.request_id, item.position, list(item.token_ids)) for item in request.items.items
-        ]
-        return syn1.encode_frames(frames)
-
-    async def _run_stage(
-        self, stage: gateway_pb2.Stage, message: bytes, response: gateway_pb2.StepResponse, gateway_serialize_s: float
-    ) -> bytes:
-        node_id = stage.node_id
-        connection = self.connections.get(node_id)
+    async def _run_stage(self, stage: Stage, message: bytes, hops: list[Hop], gateway_serialize_s: float) -> bytes:
+        connection = self.connections.get(stage.node_id)
         if connection is None:
-            raise NodeGone(node_id, f"not connected to gateway {self.gateway_id}")
-        record, wanted = connection.record, (stage.layers.start, stage.layers.end)
-        if record.layers is not None and (record.state != "ready" or record.layers != wanted):
+            raise StepFailed.gone(stage.node_id, f"not connected to gateway {self.gateway_id}")
+        record = connection.record
+        if record.layers is not None and (record.state != "ready" or record.layers != stage.layers):
             # A re-plan moved this node; running the old route would compute the wrong layers.
-            raise StepFailedOnNode(
-                node_id,
-                f"route expects layers {list(wanted)} but the node is {record.state} "
+            raise StepFailed.on_node(
+                stage.node_id,
+                f"route expects layers {list(stage.layers)} but the node is {record.state} "
                 f"with {list(record.layers or ())}; a re-plan is under way",
             )
         started = time.perf_counter()
         reply = await connection.step(message, self.step_timeout_s)
         round_trip_s = reply.received_at - started
-        tokens = syn1.message_rows(message)
-        self._observe(reply, round_trip_s, gateway_serialize_s, len(message), tokens)
-        response.hops.add(
-            node_id=node_id,
-            round_trip_ms=round_trip_s * 1e3,
-            compute_ms=reply.compute_ms,
-            queue_ms=reply.queue_ms,
-            node_serialize_ms=reply.serialize_ms,
-            gateway_serialize_ms=gateway_serialize_s * 1e3,
-            bytes_sent=len(message),
-            bytes_received=reply.size,
+        self._observe(reply, round_trip_s, gateway_serialize_s, len(message), syn1.message_rows(message))
+        hops.append(
+            Hop(
+                node_id=stage.node_id,
+                round_trip_ms=round_trip_s * 1e3,
+                compute_ms=reply.compute_ms,
+                queue_ms=reply.queue_ms,
+                node_serialize_ms=reply.serialize_ms,
+                gateway_serialize_ms=gateway_serialize_s * 1e3,
+                bytes_sent=len(message),
+                bytes_received=reply.size,
+            )
         )
         return reply.frames
 
-    async def _forward(self, request: gateway_pb2.StepRequest, index: int, message: bytes) -> gateway_pb2.StepResponse:
-        stage = request.route[index]
-        forwarded = gateway_pb2.StepRequest(step_id=request.step_id, route=request.route[index:])
-        if index == 0 and request.WhichOneof("input") == "items":
-            forwarded.items.CopyFrom(request.items)
-        else:
-            forwarded.frames = message
-        return await self.peers.step(stage.gateway_address, forwarded, self.step_timeout_s)
+    async def _forward(self, step: Step, index: int, message: bytes) -> StepResult:
+        """The rest of the route runs on the gateway its next node is connected to."""
+        rest = step.route[index:]
+        forwarded = Step(rest, tokens=step.tokens) if index == 0 and step.tokens else Step(rest, frames=message)
+        return await self.peers.get(rest[0].gateway_address).step(forwarded, self.step_timeout_s)
 
     @staticmethod
     def _observe(reply: StepReply, round_trip_s: float, gateway_serialize_s: float, sent: int, tokens: int) -> None:

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from services.common.errors import Unavailable
-from services.gateway.registry import NodeRecord
+from services.common.nodes import NodeRecord
 from services.wire import syn1
+from services.wire.steps import StepFailed
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +33,6 @@ class StepReply:
     size: int  # bytes received, stats frame included
 
 
-class NodeGone(Unavailable):
-    """The node disconnected or stopped answering while a step was in flight."""
-
-    def __init__(self, node_id: str, why: str) -> None:
-        super().__init__(f"node {node_id} is gone: {why}")
-        self.node_id = node_id
-
-
-class StepFailedOnNode(Unavailable):
-    """The node could not run a step (e.g. it lost the request's cache); the node itself stays."""
-
-    def __init__(self, node_id: str, why: str) -> None:
-        super().__init__(f"node {node_id} failed a step: {why}")
-        self.node_id = node_id
-
-
 def split_reply(data: bytes, max_payload_bytes: int) -> tuple[dict[str, float], bytes]:
     """Strip the leading STATS frame; the rest are output frames. Malformed -> syn1.FrameError."""
     header = syn1.read_header(data, 0, max_payload_bytes=max_payload_bytes)
@@ -58,23 +42,11 @@ def split_reply(data: bytes, max_payload_bytes: int) -> tuple[dict[str, float], 
     if stats.size < len(STATS_FIELDS):
         raise syn1.FrameError(f"STATS frame has {stats.size} values, expected {len(STATS_FIELDS)}")
     frames = data[header.frame_size :]
-    _check_framing(frames, max_payload_bytes)
-    return dict(zip(STATS_FIELDS, map(float, stats), strict=False)), frames
-
-
-def _check_framing(message: bytes, max_payload_bytes: int) -> None:
-    """Every frame header is valid and the message ends on a frame boundary; payloads stay unread."""
-    if not message:
+    if not frames:
         raise syn1.FrameError("a step reply must hold output frames after its STATS frame, got none")
-    offset = 0
-    while offset < len(message):
-        header = syn1.read_header(message, offset, max_payload_bytes=max_payload_bytes)
-        if offset + header.frame_size > len(message):
-            raise syn1.FrameError(
-                f"truncated frame at byte {offset}: header declares {header.frame_size} bytes, "
-                f"got {len(message) - offset}"
-            )
-        offset += header.frame_size
+    for _ in syn1.headers(frames, max_payload_bytes=max_payload_bytes):
+        pass  # every frame whole and well-formed; the payloads are forwarded unread
+    return dict(zip(STATS_FIELDS, map(float, stats), strict=False)), frames
 
 
 class NodeConnection:
@@ -94,7 +66,7 @@ class NodeConnection:
 
     async def step(self, message: bytes, timeout_s: float) -> StepReply:
         if self.closed_because is not None:
-            raise NodeGone(self.node_id, self.closed_because)
+            raise StepFailed.gone(self.node_id, self.closed_because)
         future: asyncio.Future[StepReply] = asyncio.get_running_loop().create_future()
         async with self._send_lock:  # queue order == send order
             self._pending.append(future)
@@ -108,7 +80,7 @@ class NodeConnection:
             future.cancel()  # abandoned: nobody awaits it now; a late reply would still be popped in order
             reason = f"no answer to a step within {timeout_s:.0f} s"
             await self.close(1011, reason)
-            raise NodeGone(self.node_id, reason) from None
+            raise StepFailed.gone(self.node_id, reason) from None
         except asyncio.CancelledError:
             future.cancel()
             raise
@@ -129,7 +101,7 @@ class NodeConnection:
             raise syn1.FrameError("step_failed with no step in flight")
         future = self._pending.popleft()
         if not future.done():
-            future.set_exception(StepFailedOnNode(self.node_id, message))
+            future.set_exception(StepFailed.on_node(self.node_id, message))
 
     async def send_text(self, text: str) -> None:
         try:
@@ -142,7 +114,7 @@ class NodeConnection:
         while self._pending:
             future = self._pending.popleft()
             if not future.done():
-                future.set_exception(NodeGone(self.node_id, why))
+                future.set_exception(StepFailed.gone(self.node_id, why))
 
     async def close(self, code: int, reason: str) -> None:
         self.fail_all(reason)

@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator
 import redis.asyncio as redis
 
 from services.common.errors import Unavailable
-from services.gateway.registry import EVENTS_CHANNEL, GATEWAY_KEY, NODES_KEY, NodeRecord
+from services.common.nodes import NodeRecord
+from services.wire.membership import EVENTS_CHANNEL, GATEWAY_KEY, NODES_KEY
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,7 @@ class RedisRegistry:
         self.url = url
         self.client = redis.Redis.from_url(url, socket_connect_timeout=5)
         self._liveness: asyncio.Task[None] | None = None
+        self._gateway_id: str | None = None
 
     async def start(self, gateway_id: str, address: str) -> None:
         try:
@@ -33,14 +35,20 @@ class RedisRegistry:
                 f"cannot reach Redis at {self.url}: {error}; start redis-server or unset "
                 "SYNAPSE_REDIS_URL to keep the registry in memory"
             ) from None
+        self._gateway_id = gateway_id
         self._liveness = asyncio.create_task(self._keep_alive(gateway_id, address))
         log.info("registry_redis", extra={"url": self.url})
 
     async def close(self) -> None:
+        """An orderly stop deregisters at once: the router stops watching this gateway without waiting
+        for the liveness key to expire."""
         if self._liveness:
             self._liveness.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._liveness
+        if self._gateway_id is not None:
+            with contextlib.suppress(redis.RedisError, OSError):
+                await self.client.delete(GATEWAY_KEY.format(self._gateway_id))
         await self.client.aclose()
 
     async def _keep_alive(self, gateway_id: str, address: str) -> None:

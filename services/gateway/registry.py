@@ -3,48 +3,32 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, field, replace
-from typing import Literal
+from typing import Protocol
+
+from services.common.nodes import NodeRecord
 
 log = logging.getLogger(__name__)
 
-NodeState = Literal["joined", "loading", "ready", "gone"]
-NODES_KEY = "synapse:nodes"
-EVENTS_CHANNEL = "synapse:node-events"
-GATEWAY_KEY = "synapse:gateway:{}"
 
+class Registry(Protocol):
+    """Where a gateway puts its nodes' records and every watcher reads them: memory or Redis."""
 
-@dataclass(frozen=True)
-class NodeRecord:
-    node_id: str
-    kind: Literal["native", "web"]
-    device: str
-    memory_bytes: int
-    speed: float
-    gateway_id: str
-    gateway_address: str
-    state: NodeState = "joined"
-    layers: tuple[int, int] | None = None
-    shard_id: str = ""
-    # Monotonic per node (wall-clock ns at the change): readers keep the newest record they see.
-    version: int = field(default_factory=time.time_ns)
+    async def start(self, gateway_id: str, address: str) -> None: ...
 
-    def changed(self, **changes: object) -> NodeRecord:
-        return replace(self, version=max(time.time_ns(), self.version + 1), **changes)
+    async def close(self) -> None: ...
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
+    async def put(self, record: NodeRecord) -> None:
+        """Store (or, when the record is gone, drop) a record and tell every watcher."""
 
-    @classmethod
-    def from_json(cls, text: str | bytes) -> NodeRecord:
-        data = json.loads(text)
-        if data.get("layers") is not None:
-            data["layers"] = tuple(data["layers"])
-        return cls(**data)
+    async def get(self, node_id: str) -> NodeRecord | None: ...
+
+    async def all(self) -> list[NodeRecord]:
+        """Every live record."""
+
+    def watch(self) -> AsyncIterator[NodeRecord]:
+        """Every live record, then every change, until the caller stops iterating."""
 
 
 class MemoryRegistry:

@@ -8,12 +8,11 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from services.common.node_status import node_status_pb
-from services.common.pb import common_pb2, gateway_pb2, gateway_pb2_grpc
+from services.common.node_status import node_event_pb
+from services.common.pb import gateway_pb2, gateway_pb2_grpc
 from services.gateway.hub import Hub
-from services.wire.control import Assign, dump
-
-_DTYPES = {common_pb2.DTYPE_FLOAT32: "float32", common_pb2.DTYPE_INT8: "int8"}
+from services.wire import convert
+from services.wire.steps import StepFailed
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
@@ -26,8 +25,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         responses: asyncio.Queue[gateway_pb2.RunResponse | None] = asyncio.Queue()
         steps: set[asyncio.Task[None]] = set()
 
-        async def run_one(step: gateway_pb2.StepRequest) -> None:
-            responses.put_nowait(gateway_pb2.RunResponse(step=await self.hub.run_step(step)))
+        async def run_one(request: gateway_pb2.StepRequest) -> None:
+            try:
+                response = convert.result_to_pb(request.step_id, await self.hub.run_step(convert.step_from_pb(request)))
+            except StepFailed as error:  # in band: the stream carries other steps and outlives this one
+                response = convert.failure_to_pb(request.step_id, error)
+            except ValueError as error:  # a malformed StepRequest (InvalidArgument)
+                response = convert.failure_to_pb(request.step_id, StepFailed(f"bad step: {error}"))
+            responses.put_nowait(gateway_pb2.RunResponse(step=response))
 
         async def read() -> None:
             async for request in request_iterator:
@@ -55,22 +60,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self, request: gateway_pb2.WatchNodesRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.NodeEvent]:
         async for record in self.hub.registry.watch():
-            yield gateway_pb2.NodeEvent(
-                node=node_status_pb(record), gateway_address=record.gateway_address, version=record.version
-            )
+            yield node_event_pb(record)
 
     async def AssignShard(
         self, request: gateway_pb2.AssignShardRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.AssignShardResponse:
-        assign = Assign(
-            shard_id=request.shard_id,
-            layers=(request.layers.start, request.layers.end),
-            shard_url=request.shard_url,
-            manifest_url=request.manifest_url,
-            sha256=request.sha256,
-            size_bytes=request.size_bytes,
-            top_k=request.top_k,
-            activation_dtype=_DTYPES.get(request.activation_dtype, "float16"),
-        )
-        await self.hub.assign(request, dump(assign))
+        node_id, assign = convert.assign_from_pb(request)
+        await self.hub.assign(node_id, assign)
         return gateway_pb2.AssignShardResponse()

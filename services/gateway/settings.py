@@ -19,7 +19,8 @@ class GatewaySettings(ServiceSettings):
     gateway_id: str | None = Field(None, description="Stable id of this gateway instance; default host-pid.")
     advertise_address: str | None = Field(
         None,
-        description="host:port other gateways and the router reach this gateway's gRPC at; default host:port.",
+        description="host:port other gateways and the router reach this gateway's gRPC at; default host:port, "
+        "or the address the hostname resolves to when bound to 0.0.0.0 (a container's own).",
     )
     ws_host: str = Field("127.0.0.1", description="Address the node WebSocket server binds to.")
     ws_port: int = Field(8765, ge=0, le=65535, description="Port of the node WebSocket server (and web page).")

@@ -8,10 +8,10 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from services.common.settings import ServiceSettings
+from services.common.settings import ProcessSettings
 
 
-class NodeSettings(ServiceSettings):
+class NodeSettings(ProcessSettings):
     model_config = SettingsConfigDict(env_prefix="SYNAPSE_NODE_", extra="ignore")
 
     gateway_url: str = Field("ws://127.0.0.1:8765/ws", description="Gateway WebSocket URL (wss:// with TLS).")

@@ -16,8 +16,6 @@ from services.wire import syn1
 
 log = logging.getLogger(__name__)
 
-WIRE_DTYPES = {"float16": syn1.DType.F16, "float32": syn1.DType.F32, "int8": syn1.DType.I8}
-
 
 @dataclass
 class _Entry:
@@ -31,7 +29,7 @@ class StageWorker:
     def __init__(self, stage: GPT2Stage, *, top_k: int, activation_dtype: str, max_batch: int) -> None:
         self.stage = stage
         self.top_k = top_k
-        self.wire_dtype = WIRE_DTYPES[activation_dtype]
+        self.wire_dtype = syn1.ACTIVATION_DTYPES[activation_dtype]
         self.max_batch = max_batch
         self.device = next(stage.parameters()).device
         self.dtype = next(stage.parameters()).dtype

@@ -22,7 +22,16 @@ async def start_router(settings: RouterSettings) -> tuple[GrpcServer, Cluster, E
     engine = Engine(settings, cluster)
     cluster.on_pipelines_changed = engine.pipelines_changed
     name = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
-    server = GrpcServer("router", [name], host=settings.host, port=settings.port, grace_s=settings.shutdown_grace_s)
+    tls = (settings.tls_cert, settings.tls_key) if settings.tls_cert and settings.tls_key else None
+    server = GrpcServer(
+        "router",
+        [name],
+        host=settings.host,
+        port=settings.port,
+        grace_s=settings.shutdown_grace_s,
+        tls=tls,
+        api_tokens=settings.api_tokens,
+    )
     router_pb2_grpc.add_RouterServiceServicer_to_server(
         RouterServicer(settings, cluster, engine, tokenizer), server.server
     )

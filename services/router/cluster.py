@@ -6,34 +6,26 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 
 import grpc
 
 from services.common.errors import Unavailable
-from services.common.node_status import node_fields
-from services.common.pb import (
-    common_pb2,
-    gateway_pb2,
-    gateway_pb2_grpc,
-    sharder_pb2,
-    sharder_pb2_grpc,
-)
+from services.common.gpt2.config import GPT2Config
+from services.common.model_config_pb import model_config_from_pb
+from services.common.nodes import NodeRecord
+from services.common.pb import common_pb2, sharder_pb2, sharder_pb2_grpc
 from services.common.server import channel
 from services.router import metrics
+from services.router.gateways import GatewayFollower
 from services.router.settings import RouterSettings
-from services.router.topology import NodeView, Pipeline, build_pipelines, describe_missing
+from services.router.topology import Pipeline, build_pipelines, describe_missing
+from services.wire.control import Assign
+from services.wire.convert import assign_to_pb
 
 log = logging.getLogger(__name__)
 
-_DTYPE = {
-    "float16": common_pb2.DTYPE_FLOAT16,
-    "float32": common_pb2.DTYPE_FLOAT32,
-    "int8": common_pb2.DTYPE_INT8,
-}
-
-
-def node_view(event: gateway_pb2.NodeEvent) -> NodeView:
-    return NodeView(**node_fields(event.node), gateway_address=event.gateway_address, version=event.version)
+LOCAL_GATEWAY = "127.0.0.1:50055"  # followed when no gateway is listed and no Redis is set
 
 
 class Cluster:
@@ -41,13 +33,17 @@ class Cluster:
 
     def __init__(self, settings: RouterSettings) -> None:
         self.settings = settings
-        self.nodes: dict[str, NodeView] = {}
+        self.nodes: dict[str, NodeRecord] = {}
         self.pipelines: list[Pipeline] = []
         self.model_id = settings.model
-        self.config: common_pb2.ModelConfig | None = None
+        self.config: GPT2Config | None = None
         self.changed = asyncio.Condition()
         self._sharder = sharder_pb2_grpc.ShardServiceStub(channel(settings.sharder_address))
-        self._gateway_stubs: dict[str, gateway_pb2_grpc.GatewayServiceStub] = {}
+        static = settings.gateways or ([] if settings.redis_url else [LOCAL_GATEWAY])
+        self.gateways = GatewayFollower(
+            static, settings.redis_url, settings.discovery_period_s, self._apply, self._forget_gateway
+        )
+        self._presumed_gone: set[str] = set()  # gone by the router's guess, not by a gateway's word
         self._tasks: list[asyncio.Task[None]] = []
         self._membership_changed = asyncio.Event()
         self._planned_members: frozenset[str] = frozenset()
@@ -61,12 +57,13 @@ class Cluster:
                 f"sharder at {self.settings.sharder_address} does not serve model "
                 f"{self.settings.model!r}; it has {[m.model_id for m in models.models]}"
             )
-        self.model_id, self.config = chosen[0].model_id, chosen[0].config
-        self._tasks = [asyncio.create_task(self._watch(address)) for address in self.settings.gateways]
-        self._tasks.append(asyncio.create_task(self._replan_loop()))
+        self.model_id, self.config = chosen[0].model_id, model_config_from_pb(chosen[0].config)
+        self.gateways.start()
+        self._tasks = [asyncio.create_task(self._replan_loop())]
         log.info("cluster_started", extra={"model": self.model_id, "n_layer": self.config.n_layer})
 
     async def close(self) -> None:
+        await self.gateways.close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -78,35 +75,37 @@ class Cluster:
         assert self.config is not None
         return self.config.n_layer
 
-    def gateway(self, address: str) -> gateway_pb2_grpc.GatewayServiceStub:
-        if address not in self._gateway_stubs:
-            self._gateway_stubs[address] = gateway_pb2_grpc.GatewayServiceStub(channel(address))
-        return self._gateway_stubs[address]
-
-    async def _watch(self, address: str) -> None:
-        """Follow one gateway's node events forever, reconnecting when its stream breaks."""
-        while True:
-            try:
-                async for event in self.gateway(address).WatchNodes(gateway_pb2.WatchNodesRequest()):
-                    await self._apply(node_view(event))
-            except grpc.aio.AioRpcError as error:
-                log.warning("gateway_watch_broken", extra={"gateway": address, "code": error.code().name})
-            await self._forget_gateway(address)
-            await asyncio.sleep(1.0)
-
     async def _forget_gateway(self, address: str) -> None:
-        for node in [n for n in self.nodes.values() if n.gateway_address == address and n.state != "gone"]:
-            await self._apply(NodeView(**{**node.__dict__, "state": "gone", "version": node.version + 1}))
+        """A gateway's stream broke or it left: its nodes are presumed gone until some gateway reports them
+        again. A presumption, not news: the same record coming back (a reconnected stream's snapshot) revives
+        the node, where a bumped version would have made that snapshot look stale and lost it for good."""
+        for node in [n for n in self.nodes.values() if n.gateway_address == address and n.live]:
+            await self._presume_gone(node)
 
-    async def _apply(self, view: NodeView) -> None:
+    async def _presume_gone(self, node: NodeRecord) -> None:
+        self._presumed_gone.add(node.node_id)
+        self.nodes[node.node_id] = replace(node, state="gone")
+        self._membership_changed.set()
+        await self._rebuild()
+
+    async def _apply(self, view: NodeRecord, source: str = "") -> None:
+        """A record from the WatchNodes stream of gateway `source`; the newest version of a node wins."""
         current = self.nodes.get(view.node_id)
-        if current is not None and current.version >= view.version:
-            return  # stale: another gateway already told us something newer
+        if current is not None and not self._newer(view, current, source):
+            return
+        self._presumed_gone.discard(view.node_id)
         self.nodes[view.node_id] = view
         live = frozenset(node_id for node_id, node in self.nodes.items() if node.state != "gone")
         if live != self._planned_members:
             self._membership_changed.set()
         await self._rebuild()
+
+    def _newer(self, view: NodeRecord, current: NodeRecord, source: str) -> bool:
+        """A newer version wins. The same version revives a node presumed gone only when it comes from the
+        node's own gateway (its stream came back): another gateway's copy may be an orphan not yet reaped."""
+        if view.version != current.version:
+            return view.version > current.version
+        return view.node_id in self._presumed_gone and source == view.gateway_address
 
     async def _rebuild(self) -> None:
         assert self.config is not None
@@ -167,19 +166,18 @@ class Cluster:
                 and node.state in ("ready", "loading")
             ):
                 continue  # already holds it
-            await self.gateway(node.gateway_address).AssignShard(
-                gateway_pb2.AssignShardRequest(
-                    node_id=node.node_id,
-                    shard_id=assignment.shard_id,
-                    layers=assignment.layers,
-                    shard_url=assignment.shard_url,
-                    manifest_url=assignment.manifest_url,
-                    sha256=assignment.sha256,
-                    size_bytes=assignment.size_bytes,
-                    top_k=self.settings.top_k,
-                    activation_dtype=_DTYPE[self.settings.activation_dtype],
-                ),
-                timeout=self.settings.call_timeout_s,
+            assign = Assign(
+                shard_id=assignment.shard_id,
+                layers=(assignment.layers.start, assignment.layers.end),
+                shard_url=assignment.shard_url,
+                manifest_url=assignment.manifest_url,
+                sha256=assignment.sha256,
+                size_bytes=assignment.size_bytes,
+                top_k=self.settings.top_k,
+                activation_dtype=self.settings.activation_dtype,
+            )
+            await self.gateways.stub(node.gateway_address).AssignShard(
+                assign_to_pb(node.node_id, assign), timeout=self.settings.call_timeout_s
             )
 
     async def wait_for_pipeline(self, timeout_s: float) -> list[Pipeline]:
@@ -193,10 +191,9 @@ class Cluster:
             raise Unavailable(describe_missing(list(self.nodes.values()), self.n_layer))
         return self.pipelines
 
-    def mark_suspect(self, node_id: str) -> None:
-        """A step failed on this node: stop routing over it until the gateway says otherwise."""
+    async def route_around(self, node_id: str) -> None:
+        """A step found this node gone: build pipelines without it, and re-plan, until a gateway reports it
+        again."""
         node = self.nodes.get(node_id)
         if node is not None and node.state == "ready":
-            self.nodes[node_id] = NodeView(**{**node.__dict__, "state": "gone"})
-            self._set_pipelines(build_pipelines(list(self.nodes.values()), self.n_layer))
-            self._membership_changed.set()
+            await self._presume_gone(node)

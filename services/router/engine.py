@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextvars
 import itertools
 import logging
 import math
 import time
+from collections.abc import Coroutine
+from typing import Any
 
-from services.common.errors import DeadlineExceeded, Unavailable
-from services.common.pb import gateway_pb2
+from services.common.errors import DeadlineExceeded, Internal, SynapseError, Unavailable
 from services.router import metrics
 from services.router.cluster import Cluster
 from services.router.requests import Generation, TokenEvent, candidates_of
@@ -18,8 +19,19 @@ from services.router.settings import RouterSettings
 from services.router.topology import Pipeline
 from services.wire import syn1
 from services.wire.gateway_client import GatewayClients
+from services.wire.steps import Step, StepFailed, StepResult, TokenInput
 
 log = logging.getLogger(__name__)
+
+
+def background(coroutine: Coroutine[Any, Any, None], holder: set[asyncio.Task[None]]) -> asyncio.Task[None]:
+    """A task that outlives the call that starts it, in an empty context: its log lines carry no request id
+    but the ones it binds itself (a task inherits its creator's context, so the first Generate's id would
+    otherwise label every line it ever logs). `holder` keeps a strong reference until it ends."""
+    task = asyncio.create_task(coroutine, context=contextvars.Context())
+    holder.add(task)
+    task.add_done_callback(holder.discard)
+    return task
 
 
 class Engine:
@@ -30,16 +42,12 @@ class Engine:
         self.cluster = cluster
         self.gateways = GatewayClients()
         self.background: set[asyncio.Task[None]] = set()
-        self.schedulers: dict[tuple[str, ...], Scheduler] = {}
+        self.schedulers: dict[tuple, Scheduler] = {}
         self._wire_ids = itertools.count(0)
-        self._step_ids = itertools.count(1)
 
     def next_wire_id(self) -> int:
         """SYN1 request ids are u32: wrap around, never 0."""
         return next(self._wire_ids) % 0xFFFF_FFFF + 1
-
-    def next_step_id(self) -> int:
-        return next(self._step_ids)
 
     def pipelines_changed(self, pipelines: list[Pipeline]) -> None:
         """Retire schedulers whose pipeline broke or was re-planned; their requests replay elsewhere."""
@@ -73,10 +81,12 @@ class Scheduler:
 
     def __init__(self, engine: Engine, pipeline: Pipeline) -> None:
         self.engine, self.pipeline = engine, pipeline
+        self.route = pipeline.route
+        self.gateway = engine.gateways.get(pipeline.stages[0].gateway_address)
         self.requests: list[Generation] = []
         self._wake = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
-        self._task = asyncio.create_task(self._loop())
+        self._task = background(self._loop(), engine.background)
 
     def add(self, generation: Generation) -> None:
         self.requests.append(generation)
@@ -87,32 +97,26 @@ class Scheduler:
         self._task.cancel()
         for generation in list(self.requests):
             self.requests.remove(generation)
-            task = asyncio.create_task(self._failover(generation, "pipeline retired"))
-            self.engine.background.add(task)  # the loop keeps only weak references to tasks
-            task.add_done_callback(self.engine.background.discard)
+            background(self._failover(generation, "pipeline retired"), self.engine.background)
 
     async def finish(self, generation: Generation) -> None:
         if generation in self.requests:
             self.requests.remove(generation)
-            await self.engine.gateways.get(self._entry).release([generation.wire_id], self.pipeline.node_ids)
-
-    @property
-    def _entry(self) -> str:
-        return self.pipeline.stages[0].gateway_address
+            await self.gateway.release([generation.wire_id], self.pipeline.node_ids)
 
     async def _loop(self) -> None:
         stages = len(self.pipeline.stages)
+        settings = self.engine.settings
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while len(self._inflight) < max(stages, self.engine.settings.micro_batches):
+            while len(self._inflight) < max(stages, settings.micro_batches):
                 ready = [g for g in self.requests if not g.in_flight and not g.done]
                 if not ready:
                     break
                 # Split the active requests into micro-batches (by default one per stage, so every stage
                 # has work); each runs as one batched forward pass per node.
-                micro_batches = self.engine.settings.micro_batches or stages
-                size = min(self.engine.settings.max_batch, math.ceil(len(self.requests) / micro_batches))
+                size = min(settings.max_batch, math.ceil(len(self.requests) / (settings.micro_batches or stages)))
                 batch = ready[:size]
                 for generation in batch:
                     generation.in_flight = True
@@ -126,49 +130,52 @@ class Scheduler:
         if not task.cancelled() and task.exception() is not None:
             log.error("step_crashed", exc_info=task.exception())
 
-    @functools.cached_property
-    def _route(self) -> list[gateway_pb2.Stage]:
-        return [
-            gateway_pb2.Stage(
-                node_id=s.node_id,
-                layers={"start": s.layers[0], "end": s.layers[1]},
-                gateway_address=s.gateway_address,
-            )
-            for s in self.pipeline.stages
-        ]
-
     async def _step(self, batch: list[Generation]) -> None:
+        """Build the step, run it through the pipeline's entry gateway, apply what came back.
+
+        Whatever goes wrong ends each request of the batch one way: replayed elsewhere (StepFailed) or
+        failed with the error. A request is never left to be stepped again as if nothing happened: that
+        would spin this loop.
+        """
+        try:
+            batch = await self._drop_expired(batch)
+            if not batch:
+                return
+            step = Step(self.route, tokens=tuple(TokenInput(g.wire_id, g.position, g.pending) for g in batch))
+            started = time.perf_counter()
+            try:
+                result = await self.gateway.step(step, self.engine.settings.step_timeout_s)
+            except StepFailed as error:
+                await self._step_failed(self._still_here(batch), error)
+                return
+            await self._apply(self._still_here(batch), result, time.perf_counter() - started)
+        except Exception as error:  # a bug or a malformed result: fail the batch loudly, never retry it
+            log.exception("step_crashed", extra={"requests": len(batch)})
+            for generation in batch:
+                await self._fail(generation, error if isinstance(error, SynapseError) else Internal(repr(error)))
+
+    async def _drop_expired(self, batch: list[Generation]) -> list[Generation]:
         now = time.monotonic()
         expired = [g for g in batch if g.deadline is not None and now > g.deadline]
         for generation in expired:
             generation.in_flight = False
             await self._fail(generation, DeadlineExceeded("deadline passed before the request finished"))
-        batch = [g for g in batch if g not in expired]
-        if not batch:
-            return
-        request = gateway_pb2.StepRequest(step_id=self.engine.next_step_id(), route=self._route)
-        for generation in batch:
-            request.items.items.add(
-                request_id=generation.wire_id, position=generation.position, token_ids=generation.pending
-            )
-        started = time.perf_counter()
-        try:
-            response = await self.engine.gateways.get(self._entry).step(request, self.engine.settings.step_timeout_s)
-        except Unavailable as error:
-            response = gateway_pb2.StepResponse(error=gateway_pb2.StepError(message=str(error)))
-        wall_s = time.perf_counter() - started
-        batch = [g for g in batch if g in self.requests]  # the rest moved to another pipeline meanwhile
+        return [g for g in batch if g not in expired]
+
+    def _still_here(self, batch: list[Generation]) -> list[Generation]:
+        """The requests of a finished step that are still on this pipeline (the rest moved on meanwhile)."""
+        batch = [g for g in batch if g in self.requests]
         for generation in batch:
             generation.in_flight = False
-        if response.HasField("error") and response.error.message:
-            await self._step_failed(batch, response.error)
-            return
-        compute_ms = sum(hop.compute_ms for hop in response.hops)
+        return batch
+
+    async def _apply(self, batch: list[Generation], result: StepResult, wall_s: float) -> None:
+        compute_ms = sum(hop.compute_ms for hop in result.hops)
         metrics.STEP_SECONDS.observe(wall_s)
         metrics.STEP_COMPUTE_SECONDS.observe(compute_ms / 1e3)
         metrics.STEP_OVERHEAD_SECONDS.observe(max(wall_s - compute_ms / 1e3, 0.0))
         metrics.BATCH_SIZE.observe(len(batch))
-        outputs = {frame.request_id: frame for frame in syn1.decode_frames(response.frames)}
+        outputs = {frame.request_id: frame for frame in syn1.decode_frames(result.frames)}
         for generation in batch:
             frame = outputs.get(generation.wire_id)
             if frame is None:
@@ -176,7 +183,12 @@ class Scheduler:
                 continue
             if generation.position == 0 and not generation.generated:
                 metrics.TOKENS.labels("prompt").inc(len(generation.pending))
-            event = generation.accept(candidates_of(frame.array[-1], frame.token_ids[-1]), compute_ms)
+            try:
+                event = generation.accept(candidates_of(frame), compute_ms)
+            except SynapseError as error:  # e.g. the sampler refusing what came back: this request only
+                log.warning("sample_failed", extra={"request_id": generation.request_id, "error": str(error)})
+                await self._fail(generation, error)
+                continue
             metrics.TOKENS.labels("generated").inc()
             self._emit(generation, event)
             if generation.done:
@@ -189,22 +201,33 @@ class Scheduler:
             metrics.TPOT.observe(event.step_ms / 1e3)
         generation.events.put_nowait(event)
 
-    async def _step_failed(self, batch: list[Generation], error: gateway_pb2.StepError) -> None:
-        log.warning("step_failed", extra={"node": error.node_id, "error": error.message, "requests": len(batch)})
+    async def _step_failed(self, batch: list[Generation], error: StepFailed) -> None:
+        log.warning("step_failed", extra={"node": error.node_id, "error": str(error), "requests": len(batch)})
         if error.node_id and error.node_gone:
-            self.engine.cluster.mark_suspect(error.node_id)
+            await self.engine.cluster.route_around(error.node_id)
         for generation in batch:
             if generation in self.requests:
                 self.requests.remove(generation)
-                await self._failover(generation, error.message)
+                background(self._failover(generation, str(error)), self.engine.background)
 
     async def _failover(self, generation: Generation, why: str) -> None:
-        """Replay the request's tokens on a (new) pipeline so its caches are rebuilt; the stream goes on."""
+        """Replay the request's tokens on a (new) pipeline so its caches are rebuilt; the stream goes on.
+
+        Each replay of the same request waits longer (50 ms doubling, at most 2 s), so a fault the cluster
+        has not noticed yet (a gateway that died, say) costs a few quick retries, not a busy loop; past
+        SYNAPSE_ROUTER_MAX_FAILOVERS replays the request ends UNAVAILABLE.
+        """
+        settings = self.engine.settings
         generation.rewind()
         metrics.FAILOVERS.inc()
         log.info("request_failover", extra={"request_id": generation.request_id, "why": why})
+        if generation.failovers > settings.max_failovers:
+            message = f"gave up after {settings.max_failovers} replays; the last failure: {why}"
+            await self._fail(generation, Unavailable(message))
+            return
+        await asyncio.sleep(min(2.0, 0.05 * 2 ** (generation.failovers - 1)) if generation.failovers > 1 else 0)
         try:
-            await self.engine.submit(generation, self.engine.settings.failover_wait_s)
+            await self.engine.submit(generation, settings.failover_wait_s)
         except Unavailable as error:
             await self._fail(generation, error)
 

@@ -1,4 +1,4 @@
-"""gRPC RouterService: Generate, ListNodes, Topology. Translates protobuf <-> the engine's requests."""
+"""gRPC RouterService: Generate, ListNodes, Topology. Converts at the edge (convert.py); the engine does the work."""
 
 from __future__ import annotations
 
@@ -8,39 +8,44 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from services.common.errors import InvalidArgument, SynapseError
+from services.common.errors import SynapseError
 from services.common.logs import request_id_var
+from services.common.model_config_pb import model_config_to_pb
 from services.common.node_status import node_status_pb
-from services.common.pb import common_pb2, router_pb2, router_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
-from services.common.server import channel, request_metadata
-from services.router import metrics
+from services.common.pb import router_pb2, router_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
+from services.common.server import channel, request_metadata, upstream
+from services.router import convert, metrics
 from services.router.cluster import Cluster
 from services.router.engine import Engine
-from services.router.requests import Generation, TokenEvent
+from services.router.quota import StreamQuota, client_of
+from services.router.requests import GenerateParams, Generation, Limits, check_prompt
 from services.router.settings import RouterSettings
 from services.router.topology import missing_ranges
-from services.sampler.convert import params_from_pb
 from services.sampler.seeding import SteppedSampler
 from services.tokenizer.tokenization import Tokenizer
-
-_FINISH = {
-    "length": router_pb2.FINISH_REASON_LENGTH,
-    "eos": router_pb2.FINISH_REASON_EOS,
-    "stop": router_pb2.FINISH_REASON_STOP,
-}
-MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def __init__(self, settings: RouterSettings, cluster: Cluster, engine: Engine, tokenizer: Tokenizer) -> None:
         self.settings, self.cluster, self.engine, self.tokenizer = settings, cluster, engine, tokenizer
         self._tokenizer_service = tokenizer_pb2_grpc.TokenizerServiceStub(channel(settings.tokenizer_address))
+        self.limits = Limits(settings.max_tokens_limit, settings.max_prompt_chars, settings.top_k)
+        self.streams = StreamQuota(settings.max_streams_per_client)
 
     async def Generate(
         self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[router_pb2.GenerateResponse]:
+        # The client's own id, when it set one, labels every log line of this call from here on.
         request_id = request.request_id or request_id_var.get() or uuid.uuid4().hex[:16]
-        generation = await self._prepare(request, request_id, context.time_remaining())
+        request_id_var.set(request_id)
+        params = convert.generate_from_pb(request, request_id)
+        params.validate(self.limits)
+        with self.streams.hold(client_of(context)):
+            generation = await self._start(params, context.time_remaining())
+            async for response in self._stream(generation):
+                yield response
+
+    async def _stream(self, generation: Generation) -> AsyncIterator[router_pb2.GenerateResponse]:
         metrics.ACTIVE.inc()
         outcome = "cancelled"
         try:
@@ -49,7 +54,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 event = await generation.events.get()
                 if isinstance(event, BaseException):
                     raise event
-                yield self._response(generation, event)
+                yield convert.response_to_pb(generation, event)
                 if event.finish_reason:
                     outcome = "ok"
                     return
@@ -62,91 +67,48 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             if not generation.done or outcome != "ok":
                 await self.engine.cancel(generation)
 
-    async def _prepare(
-        self, request: router_pb2.GenerateRequest, request_id: str, time_remaining: float | None
-    ) -> Generation:
-        max_tokens = request.max_tokens or self.settings.default_max_tokens
-        if max_tokens > self.settings.max_tokens_limit:
-            raise InvalidArgument(f"max_tokens {max_tokens} is above the limit {self.settings.max_tokens_limit}")
-        stops = list(request.stop)
-        if len(stops) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
-            raise InvalidArgument(f"stop: at most {MAX_STOP_STRINGS} non-empty strings of <= {MAX_STOP_CHARS} chars")
-        prompt_ids = await self._prompt_ids(request)
+    async def _start(self, params: GenerateParams, time_remaining: float | None) -> Generation:
+        prompt_ids = params.prompt_ids if params.prompt_ids is not None else await self._encode(params.prompt or "")
         config = self.cluster.config
         assert config is not None
-        if not prompt_ids:
-            raise InvalidArgument("the prompt is empty: send prompt text or prompt_token_ids")
-        if any(token >= config.vocab_size for token in prompt_ids):
-            raise InvalidArgument(f"prompt_token_ids must be < vocab_size {config.vocab_size}")
-        if len(prompt_ids) + max_tokens > config.n_positions:
-            raise InvalidArgument(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
-                f"model's context of {config.n_positions} tokens; shorten one"
-            )
-        # Same (seed, step) draws as the sampler service, so a seeded request reproduces either way.
-        sampler = SteppedSampler(params_from_pb(request.sampling), prompt_ids)
-        deadline = time.monotonic() + time_remaining if time_remaining is not None else None
+        max_tokens = params.max_tokens or self.settings.default_max_tokens
+        check_prompt(prompt_ids, max_tokens, config)
         return Generation(
-            request_id=request_id,
+            request_id=params.request_id,
             wire_id=self.engine.next_wire_id(),
             prompt_ids=prompt_ids,
             max_tokens=max_tokens,
-            stop=stops,
-            ignore_eos=request.ignore_eos,
+            stop=list(params.stop),
+            ignore_eos=params.ignore_eos,
             eos_id=self.tokenizer.eos_token_id,
-            sampler=sampler,
+            # Same (seed, step) draws as the sampler service, so a seeded request reproduces either way.
+            sampler=SteppedSampler(params.sampling, prompt_ids),
             decoder=self.tokenizer.incremental_decoder(),
-            deadline=deadline,
+            deadline=time.monotonic() + time_remaining if time_remaining is not None else None,
         )
 
-    async def _prompt_ids(self, request: router_pb2.GenerateRequest) -> list[int]:
-        if request.WhichOneof("input") == "prompt_token_ids":
-            return list(request.prompt_token_ids.ids)
-        response = await self._tokenizer_service.Encode(
-            tokenizer_pb2.EncodeRequest(text=request.prompt),
-            timeout=self.settings.call_timeout_s,
-            metadata=request_metadata(),
-        )
-        return list(response.token_ids)
-
-    def _response(self, generation: Generation, event: TokenEvent) -> router_pb2.GenerateResponse:
-        response = router_pb2.GenerateResponse(
-            request_id=generation.request_id,
-            text=event.text,
-            logprob=event.logprob,
-            top_logprobs=[common_pb2.TokenLogprob(token_id=t.token_id, logprob=t.logprob) for t in event.top_logprobs],
-            timing=router_pb2.TokenTiming(
-                step_ms=event.step_ms,
-                compute_ms=event.compute_ms,
-                overhead_ms=max(event.step_ms - event.compute_ms, 0.0),
-            ),
-        )
-        if event.token_id is not None:
-            response.token_id = event.token_id
-        if event.finish_reason:
-            response.finish_reason = _FINISH[event.finish_reason]
-            response.usage.CopyFrom(
-                router_pb2.Usage(
-                    prompt_tokens=len(generation.prompt_ids),
-                    completion_tokens=len(generation.generated),
-                    time_to_first_token_ms=((generation.first_token_at or generation.started) - generation.started)
-                    * 1e3,
-                    total_ms=(time.perf_counter() - generation.started) * 1e3,
-                    failovers=generation.failovers,
-                )
+    async def _encode(self, prompt: str) -> list[int]:
+        with upstream("tokenizer"):
+            response = await self._tokenizer_service.Encode(
+                tokenizer_pb2.EncodeRequest(text=prompt),
+                timeout=self.settings.call_timeout_s,
+                metadata=request_metadata(),
             )
-        return response
+        return list(response.token_ids)
 
     async def ListNodes(
         self, request: router_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.ListNodesResponse:
         nodes = sorted(self.cluster.nodes.values(), key=lambda n: n.node_id)
-        return router_pb2.ListNodesResponse(nodes=[node_status_pb(n) for n in nodes if n.state != "gone"])
+        return router_pb2.ListNodesResponse(nodes=[node_status_pb(n) for n in nodes if n.live])
 
     async def Topology(
         self, request: router_pb2.TopologyRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.TopologyResponse:
-        response = router_pb2.TopologyResponse(model_id=self.cluster.model_id, config=self.cluster.config)
+        config = self.cluster.config
+        response = router_pb2.TopologyResponse(
+            model_id=self.cluster.model_id, config=model_config_to_pb(config) if config else None
+        )
         for pipeline in self.cluster.pipelines:
             scheduler = self.engine.schedulers.get(pipeline.key)
             response.pipelines.add(

@@ -5,19 +5,28 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
 
 
 class RouterSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="SYNAPSE_ROUTER_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="SYNAPSE_ROUTER_", extra="ignore", populate_by_name=True)
 
     port: int = Field(50050, ge=0, le=65535, description="Public gRPC port (Generate); 0 picks a free one.")
     gateways: list[str] = Field(
-        default_factory=lambda: ["127.0.0.1:50055"],
-        description='gRPC addresses of the gateways, JSON list (e.g. \'["gw1:50055","gw2:50055"]\').',
+        default_factory=list,
+        description="gRPC addresses of gateways to follow always, JSON list (e.g. '[\"gw1:50055\"]'); "
+        "empty = those registered in Redis, or 127.0.0.1:50055 without Redis.",
+    )
+    redis_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("SYNAPSE_REDIS_URL", "redis_url"),
+        description="Redis the gateways register in; set, the router follows every live gateway (no list needed).",
+    )
+    discovery_period_s: float = Field(
+        2.0, gt=0, description="How often the router looks for gateways that registered or expired in Redis."
     )
     tokenizer_address: str = Field("127.0.0.1:50051", description="gRPC address of the tokenizer service.")
     sharder_address: str = Field("127.0.0.1:50053", description="gRPC address of the sharder service.")
@@ -42,8 +51,23 @@ class RouterSettings(ServiceSettings):
     failover_wait_s: float = Field(
         120.0, ge=0, description="How long a request whose node failed waits for a new pipeline (re-plan, shard load)."
     )
+    max_failovers: int = Field(
+        16, ge=0, description="Most replays of one request before it ends UNAVAILABLE (each waits longer)."
+    )
     replan_settle_s: float = Field(
         1.0, ge=0, description="Membership must be unchanged this long before a re-plan (no storms on churn)."
     )
     step_timeout_s: float = Field(60.0, gt=0, description="Longest one pipeline step may take.")
+    max_prompt_chars: int = Field(
+        100_000, gt=0, description="Longest prompt text accepted, in characters (checked before tokenizing)."
+    )
+    max_streams_per_client: int = Field(
+        64, gt=0, description="Concurrent Generate streams one client (API token, else address) may hold."
+    )
+    api_tokens: list[str] = Field(
+        default_factory=list,
+        description="Bearer tokens the public API accepts, JSON list; empty = no token needed. Health stays open.",
+    )
+    tls_cert: Path | None = Field(None, description="PEM certificate; with tls_key the public API serves TLS.")
+    tls_key: Path | None = Field(None, description="PEM private key for tls_cert.")
     call_timeout_s: float = Field(10.0, gt=0, description="Deadline of unary calls to the other services.")

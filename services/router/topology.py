@@ -4,27 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class NodeView:
-    """What the router knows of one node (from the gateways' WatchNodes streams)."""
-
-    node_id: str
-    kind: str
-    device: str
-    memory_bytes: int
-    speed: float
-    state: str  # joined | loading | ready | gone
-    layers: tuple[int, int] | None
-    shard_id: str
-    gateway_id: str
-    gateway_address: str
-    version: int
+from services.common.nodes import NodeRecord
+from services.wire.steps import Stage
 
 
 @dataclass(frozen=True)
 class Pipeline:
-    stages: tuple[NodeView, ...]
+    stages: tuple[NodeRecord, ...]
 
     @property
     def key(self) -> tuple[tuple[str, tuple[int, int] | None], ...]:
@@ -35,8 +21,13 @@ class Pipeline:
     def node_ids(self) -> list[str]:
         return [stage.node_id for stage in self.stages]
 
+    @property
+    def route(self) -> tuple[Stage, ...]:
+        """The route a step over this pipeline follows."""
+        return tuple(Stage(node.node_id, node.layers or (0, 0), node.gateway_address) for node in self.stages)
 
-def build_pipelines(nodes: list[NodeView], n_layer: int) -> list[Pipeline]:
+
+def build_pipelines(nodes: list[NodeRecord], n_layer: int) -> list[Pipeline]:
     """Disjoint chains of ready nodes, each covering [0, n_layer); fastest first stage first, deterministic."""
     free = sorted((n for n in nodes if n.state == "ready" and n.layers), key=lambda n: (-n.speed, n.node_id))
     pipelines: list[Pipeline] = []
@@ -49,7 +40,7 @@ def build_pipelines(nodes: list[NodeView], n_layer: int) -> list[Pipeline]:
         free = [node for node in free if node.node_id not in used]
 
 
-def _chain_from(start: int, free: list[NodeView], n_layer: int) -> list[NodeView] | None:
+def _chain_from(start: int, free: list[NodeRecord], n_layer: int) -> list[NodeRecord] | None:
     if start == n_layer:
         return []
     for node in free:
@@ -61,7 +52,7 @@ def _chain_from(start: int, free: list[NodeView], n_layer: int) -> list[NodeView
     return None
 
 
-def missing_ranges(nodes: list[NodeView], n_layer: int) -> list[tuple[int, int]]:
+def missing_ranges(nodes: list[NodeRecord], n_layer: int) -> list[tuple[int, int]]:
     """Layer ranges no ready node holds, merged: [(6, 12)] means layers 6..11 are missing."""
     covered = [False] * n_layer
     for node in nodes:
@@ -79,13 +70,13 @@ def missing_ranges(nodes: list[NodeView], n_layer: int) -> list[tuple[int, int]]
     return ranges
 
 
-def describe_missing(nodes: list[NodeView], n_layer: int) -> str:
+def describe_missing(nodes: list[NodeRecord], n_layer: int) -> str:
     """An operator-readable reason no pipeline exists."""
     live = [node for node in nodes if node.state != "gone"]
     if not live:
         return "no nodes connected; start one with `synapse node --gateway ws://HOST:PORT/ws`"
     missing = missing_ranges(nodes, n_layer)
-    held = ", ".join(f"layers {a}–{b - 1}" for a, b in missing)
+    held = ", ".join(f"layers [{a}, {b})" for a, b in missing)
     loading = sum(1 for node in live if node.state in ("joined", "loading"))
     return (
         f"no ready node holds {held}; {len(live)} node(s) connected, {loading} still loading"

@@ -5,21 +5,10 @@ from __future__ import annotations
 import grpc
 
 from services.common.errors import InvalidArgument, NotFound
-from services.common.gpt2.config import GPT2Config
+from services.common.model_config_pb import model_config_to_pb
 from services.common.pb import common_pb2, sharder_pb2, sharder_pb2_grpc
 from services.sharder.catalog import Catalog
 from services.sharder.placement import NodeCapacity
-
-
-def config_pb(config: GPT2Config) -> common_pb2.ModelConfig:
-    return common_pb2.ModelConfig(
-        n_layer=config.n_layer,
-        n_head=config.n_head,
-        n_embd=config.n_embd,
-        vocab_size=config.vocab_size,
-        n_positions=config.n_positions,
-        layer_norm_epsilon=config.layer_norm_epsilon,
-    )
 
 
 class ShardServicer(sharder_pb2_grpc.ShardServiceServicer):
@@ -45,7 +34,7 @@ class ShardServicer(sharder_pb2_grpc.ShardServiceServicer):
             nodes.append(NodeCapacity(node.node_id, node.memory_bytes, node.speed))
         planned, unused = await self.catalog.plan(nodes)
         response = sharder_pb2.PlanResponse(
-            model_id=self.catalog.model_id, config=config_pb(self.catalog.config), unused_node_ids=unused
+            model_id=self.catalog.model_id, config=model_config_to_pb(self.catalog.config), unused_node_ids=unused
         )
         for stage in planned:
             manifest = stage.manifest
@@ -77,7 +66,7 @@ class ShardServicer(sharder_pb2_grpc.ShardServiceServicer):
     ) -> sharder_pb2.ListModelsResponse:
         summary = sharder_pb2.ModelSummary(
             model_id=self.catalog.model_id,
-            config=config_pb(self.catalog.config),
+            config=model_config_to_pb(self.catalog.config),
             shard_ids=[m.shard_id for m in self.catalog.manifests()],
         )
         return sharder_pb2.ListModelsResponse(models=[summary])

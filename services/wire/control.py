@@ -1,4 +1,8 @@
-"""JSON control messages between gateway and nodes (docs/wire-protocol.md, "Control messages")."""
+"""JSON control messages between gateway and nodes, both directions (docs/wire-protocol.md, "Control messages").
+
+The gateway parses what nodes send with `parse_node_message`, the native node what gateways send with
+`parse_gateway_message`; both say what is wrong with a malformed message.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from services.common.errors import InvalidArgument
 
 PROTOCOL_VERSION = 1
+# Wire dtype of activations between stages (syn1.ACTIVATION_DTYPES maps each to its SYN1 dtype).
+ActivationDType = Literal["float16", "float32", "int8"]
 
 
 class _Message(BaseModel):
@@ -48,7 +54,7 @@ class Assign(_Message):
     sha256: str
     size_bytes: int
     top_k: int = 64
-    activation_dtype: Literal["float16", "float32", "int8"] = "float16"
+    activation_dtype: ActivationDType = "float16"
 
 
 class Progress(_Message):
@@ -115,23 +121,34 @@ class Bye(_Message):
 
 
 NodeMessage = Annotated[Hello | Progress | Ready | Error | StepFailed | Heartbeat | Bye, Field(discriminator="kind")]
-_NODE_MESSAGE = TypeAdapter(NodeMessage)
+GatewayMessage = Annotated[Welcome | Assign | Release | GatewayError | Bye, Field(discriminator="kind")]
+_NODE_MESSAGE: TypeAdapter[NodeMessage] = TypeAdapter(NodeMessage)
+_GATEWAY_MESSAGE: TypeAdapter[GatewayMessage] = TypeAdapter(GatewayMessage)
 
 
-def parse_node_message(text: str) -> NodeMessage:
+def parse_node_message(text: str | bytes) -> NodeMessage:
     """A node's JSON text -> message; anything malformed is InvalidArgument saying what is wrong."""
+    return _parse(text, _NODE_MESSAGE)
+
+
+def parse_gateway_message(text: str | bytes) -> GatewayMessage:
+    """A gateway's JSON text -> message; anything malformed is InvalidArgument saying what is wrong."""
+    return _parse(text, _GATEWAY_MESSAGE)
+
+
+def _parse(text: str | bytes, adapter: TypeAdapter) -> Any:
     try:
         data: Any = json.loads(text)
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise InvalidArgument(f"control message is not JSON: {error}") from None
     if not isinstance(data, dict) or "kind" not in data:
         raise InvalidArgument('control message must be a JSON object with a "kind"')
     try:
-        return _NODE_MESSAGE.validate_python(data)
+        return adapter.validate_python(data)
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"][1:]) or "kind"
-        raise InvalidArgument(f"bad {data.get('kind')!r} message: {where}: {first['msg']}") from None
+        raise InvalidArgument(f"bad {str(data.get('kind'))[:40]!r} message: {where}: {first['msg']}") from None
 
 
 def dump(message: _Message) -> str:

@@ -1,4 +1,9 @@
-"""Long-lived Run streams to other gateways (and, from the router, to every gateway): steps matched by id."""
+"""The client of a gateway's Run stream, used by the router and by a gateway forwarding to another.
+
+One channel and one bidirectional stream per gateway; many steps in flight at once, matched to
+their answers by an id this client chooses. A step returns its StepResult or raises StepFailed,
+whatever went wrong: a node's failure reported in band, a timeout, or the stream breaking.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +15,15 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from services.common.errors import Unavailable
 from services.common.pb import gateway_pb2, gateway_pb2_grpc
 from services.common.server import channel
+from services.wire import convert
+from services.wire.steps import Stage, Step, StepFailed, StepResult
 
 log = logging.getLogger(__name__)
 
 
 class GatewayClient:
-    """One channel and one bidirectional Run stream to a gateway; many steps in flight at once."""
-
     def __init__(self, address: str) -> None:
         self.address = address
         self.channel = channel(address)
@@ -28,29 +32,35 @@ class GatewayClient:
         self._pending: dict[int, asyncio.Future[gateway_pb2.StepResponse]] = {}
         self._ids = itertools.count(1)
         self._reader: asyncio.Task[None] | None = None
+        self._routes: dict[tuple[Stage, ...], list[gateway_pb2.Stage]] = {}  # a pipeline's route, converted once
 
-    async def step(self, request: gateway_pb2.StepRequest, timeout_s: float) -> gateway_pb2.StepResponse:
-        """Send one step; `request.step_id` is replaced by this client's own id and restored in the answer."""
+    async def step(self, step: Step, timeout_s: float) -> StepResult:
         self._ensure_stream()
-        caller_id, step_id = request.step_id, next(self._ids)
-        request.step_id = step_id
+        step_id = next(self._ids)
         future: asyncio.Future[gateway_pb2.StepResponse] = asyncio.get_running_loop().create_future()
         self._pending[step_id] = future
+        request = convert.step_to_pb(step, step_id, self._route_pb(step.route))
         self._outgoing.put_nowait(gateway_pb2.RunRequest(step=request))
         try:
             response = await asyncio.wait_for(future, timeout_s)
         except TimeoutError:
-            raise Unavailable(f"gateway {self.address} did not answer a step within {timeout_s:.0f} s") from None
+            raise StepFailed(f"gateway {self.address} did not answer a step within {timeout_s:.0f} s") from None
         finally:
             self._pending.pop(step_id, None)
-            request.step_id = caller_id
-        response.step_id = caller_id
-        return response
+        return convert.result_from_pb(response)
 
     async def release(self, request_ids: list[int], node_ids: list[str]) -> None:
         self._ensure_stream()
         release = gateway_pb2.ReleaseRequest(request_ids=request_ids, node_ids=node_ids)
         self._outgoing.put_nowait(gateway_pb2.RunRequest(release=release))
+
+    def _route_pb(self, route: tuple[Stage, ...]) -> list[gateway_pb2.Stage]:
+        converted = self._routes.get(route)
+        if converted is None:
+            if len(self._routes) > 64:  # routes change only on re-plans; keep the cache small anyway
+                self._routes.clear()
+            converted = self._routes[route] = convert.route_to_pb(route)
+        return converted
 
     def _ensure_stream(self) -> None:
         if self._reader is None or self._reader.done():
@@ -73,7 +83,7 @@ class GatewayClient:
         finally:
             for future in self._pending.values():
                 if not future.done():
-                    future.set_exception(Unavailable(f"stream to gateway {self.address} broke"))
+                    future.set_exception(StepFailed(f"stream to gateway {self.address} broke"))
 
     async def close(self) -> None:
         self._outgoing.put_nowait(None)
@@ -95,9 +105,7 @@ class GatewayClients:
             self.clients[address] = GatewayClient(address)
         return self.clients[address]
 
-    async def step(self, address: str, request: gateway_pb2.StepRequest, timeout_s: float) -> gateway_pb2.StepResponse:
-        return await self.get(address).step(request, timeout_s)
-
     async def close(self) -> None:
         for client in self.clients.values():
             await client.close()
+        self.clients.clear()

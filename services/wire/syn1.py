@@ -10,7 +10,7 @@ Longer than most modules on purpose: the whole format in one file, checks in the
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 
@@ -64,6 +64,8 @@ _ALLOWED_DTYPES = {
     MessageType.LOGITS: (DType.F32, DType.F16),
     MessageType.STATS: (DType.F32,),
 }
+# The activation dtypes a router may ask for (control.ActivationDType) and their SYN1 dtype.
+ACTIVATION_DTYPES: dict[str, DType] = {"float16": DType.F16, "float32": DType.F32, "int8": DType.I8}
 _WIRE_DTYPE = {DType.F32: "<f4", DType.F16: "<f2", DType.I8: "i1", DType.I32: "<i4"}
 _ITEM_SIZE = {DType.F32: 4, DType.F16: 2, DType.I8: 1, DType.I32: 4}
 _DTYPE_OF = {("f", 4): DType.F32, ("f", 2): DType.F16, ("i", 1): DType.I8, ("i", 4): DType.I32}
@@ -319,10 +321,11 @@ def encode(frame: Frame, dtype: DType | None = None) -> bytes:
 def decode(buf: bytes | memoryview, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> Frame:
     """Bytes holding exactly one frame -> Frame whose arrays are read-only views of `buf`."""
     view = _byte_view(buf)
-    frame, end = _decode_at(view, 0, max_payload_bytes)
-    if end != len(view):
-        raise FrameError(f"{len(view) - end} trailing bytes after a {end}-byte frame")
-    return frame
+    header = read_header(view, 0, max_payload_bytes=max_payload_bytes)
+    _check_whole(view, 0, header)
+    if header.frame_size != len(view):
+        raise FrameError(f"{len(view) - header.frame_size} trailing bytes after a {header.frame_size}-byte frame")
+    return _frame_at(view, 0, header)
 
 
 def encode_frames(frames: Iterable[Frame], dtype: DType | None = None) -> bytes:
@@ -333,32 +336,44 @@ def encode_frames(frames: Iterable[Frame], dtype: DType | None = None) -> bytes:
     return b"".join(encoded)
 
 
-def decode_frames(buf: bytes | memoryview, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> list[Frame]:
-    """A message of one or more frames back to back -> frames in order; any defect fails the message."""
+def headers(
+    buf: bytes | memoryview, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+) -> Iterator[tuple[int, Header]]:
+    """(offset, header) of every frame of a message, in order: each header checked and its frame whole.
+
+    The one walk over a message's headers; payloads stay unread (a gateway routes frames this way).
+    Any defect raises FrameError naming the frame's index and byte offset.
+    """
     view = _byte_view(buf)
     if len(view) == 0:
         raise FrameError("empty message: it holds no frames")
-    frames: list[Frame] = []
-    offset = 0
+    offset = index = 0
     while offset < len(view):
         try:
-            frame, offset_next = _decode_at(view, offset, max_payload_bytes)
+            header = read_header(view, offset, max_payload_bytes=max_payload_bytes)
+            _check_whole(view, offset, header)
+        except FrameError as error:
+            raise FrameError(f"frame {index} at byte {offset}: {error}") from None
+        yield offset, header
+        offset += header.frame_size
+        index += 1
+
+
+def decode_frames(buf: bytes | memoryview, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> list[Frame]:
+    """A message of one or more frames back to back -> frames in order; any defect fails the message."""
+    view = _byte_view(buf)
+    frames: list[Frame] = []
+    for offset, header in headers(view, max_payload_bytes=max_payload_bytes):
+        try:
+            frames.append(_frame_at(view, offset, header))
         except FrameError as error:
             raise FrameError(f"frame {len(frames)} at byte {offset}: {error}") from None
-        frames.append(frame)
-        offset = offset_next
     return frames
 
 
 def message_rows(buf: bytes | memoryview) -> int:
     """Total rows (token positions) of the frames in a message, from their headers alone."""
-    view = _byte_view(buf)
-    offset = rows = 0
-    while offset < len(view):
-        header = read_header(view, offset)
-        rows += header.rows
-        offset += header.frame_size
-    return rows
+    return sum(header.rows for _, header in headers(buf))
 
 
 def _byte_view(buf: bytes | memoryview) -> memoryview:
@@ -369,15 +384,18 @@ def _byte_view(buf: bytes | memoryview) -> memoryview:
         raise FrameError(f"expected contiguous bytes, got {type(buf).__name__}: {error}") from None
 
 
-def _decode_at(view: memoryview, offset: int, max_payload_bytes: int) -> tuple[Frame, int]:
-    header = read_header(view, offset, max_payload_bytes=max_payload_bytes)
-    end = offset + header.frame_size
-    if len(view) < end:
+def _check_whole(view: memoryview, offset: int, header: Header) -> None:
+    if len(view) - offset < header.frame_size:
         raise FrameError(f"truncated frame: header declares {header.frame_size} bytes, got {len(view) - offset}")
+
+
+def _frame_at(view: memoryview, offset: int, header: Header) -> Frame:
+    """The frame whose checked header sits at `offset`: padding checked, arrays viewed in place."""
+    end = offset + header.frame_size
     payload_end = offset + HEADER_SIZE + header.payload_size
-    for index in range(payload_end, end):
-        if view[index]:
-            raise FrameError(f"nonzero padding byte at offset {index - offset}")
+    if any(view[payload_end:end]):
+        index = next(i for i in range(payload_end, end) if view[i])
+        raise FrameError(f"nonzero padding byte at offset {index - offset}")
     rows, cols, count = header.rows, header.cols, header.rows * header.cols
     at = offset + HEADER_SIZE
     token_ids = scales = None
@@ -388,5 +406,4 @@ def _decode_at(view: memoryview, offset: int, max_payload_bytes: int) -> tuple[F
         scales = np.frombuffer(view, "<f4", rows, at)
         at += 4 * rows
     array = np.frombuffer(view, _WIRE_DTYPE[header.dtype], count, at).reshape(rows, cols)
-    frame = Frame(header.msg_type, header.request_id, header.position, array, header.flags, token_ids, scales)
-    return frame, end
+    return Frame(header.msg_type, header.request_id, header.position, array, header.flags, token_ids, scales)

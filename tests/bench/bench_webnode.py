@@ -39,6 +39,7 @@ from services.sharder.random_weights import known_shape, random_checkpoint
 from services.sharder.shards import ShardManifest, even_ranges, read_shard, write_shards
 from services.wire import syn1
 from services.wire.gateway_client import GatewayClient
+from services.wire.steps import Step, StepFailed
 from tests.integration.gateway_fixtures import RunningGateway, running_gateway, stage
 from tests.webnode.conftest import CHROMIUM, CHROMIUM_ARGS, page_url
 
@@ -129,9 +130,10 @@ def page_step(client: GatewayClient, node: str, manifest: ShardManifest) -> Step
 
     async def run(request_id: int, position: int, tokens: list[int]) -> tuple[float, float]:
         frames = step_frames(manifest, request_id, position, tokens)
-        response = await client.step(gateway_pb2.StepRequest(route=route, frames=frames), 600)
-        if response.HasField("error"):
-            raise SystemExit(f"step failed on the page: {response.error.message}")
+        try:
+            response = await client.step(Step(tuple(route), frames=frames), 600)
+        except StepFailed as error:
+            raise SystemExit(f"step failed on the page: {error}") from None
         return response.hops[0].round_trip_ms, response.hops[0].compute_ms
 
     return run

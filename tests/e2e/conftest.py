@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,8 +12,9 @@ import pytest
 import torch
 
 from services.common.pb import router_pb2, router_pb2_grpc
-from services.launcher import Stack, free_port
+from services.launcher import Stack
 from tests.checkpoints import load_reference, make_random_checkpoint
+from tests.redis_server import redis_server
 
 # GPT-2's real vocabulary (the tokenizer is real) on a small, fast body; six layers so three nodes fit.
 SHAPE = dict(n_layer=6, n_head=4, n_embd=64, vocab_size=50257, n_positions=256)
@@ -44,36 +43,8 @@ def greedy_reference(model, prompt_ids: list[int], max_tokens: int) -> list[int]
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    executable = shutil.which("redis-server")
-    assert executable, "redis-server is not installed: run `bash ops/setup.sh`"
-    port = free_port()
-    folder = tmp_path_factory.mktemp("redis")
-    process = subprocess.Popen(
-        [
-            executable,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(folder),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    process.terminate()
-    process.wait(10)
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
 
 
 def wait_for_pipeline(stack: Stack, stages: int, timeout_s: float = 90.0) -> router_pb2.TopologyResponse:
@@ -110,6 +81,12 @@ def make_stack(checkpoint_dir: Path, tmp_path: Path) -> Iterator:
     yield make
     for stack in stacks:
         stack.stop()
+
+
+def log_events(stack: Stack, process: str, event: str) -> list[dict]:
+    """The JSON log records of one process of the stack whose event is `event`, in order."""
+    lines = (stack.workdir / "logs" / f"{process}.log").read_text().splitlines()
+    return [record for line in lines if line.startswith("{") and (record := json.loads(line))["event"] == event]
 
 
 def generate(address: str, **fields: object) -> list[router_pb2.GenerateResponse]:

@@ -10,7 +10,7 @@ import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.common.pb import router_pb2, router_pb2_grpc
-from tests.e2e.conftest import generate, greedy_reference, wait_for_pipeline
+from tests.e2e.conftest import generate, greedy_reference, log_events, wait_for_pipeline
 
 PROMPT = [464, 2068, 7586, 21831]
 
@@ -18,12 +18,16 @@ PROMPT = [464, 2068, 7586, 21831]
 def test_node_killed_mid_generation_stream_finishes_identically(make_stack, reference) -> None:
     stack = make_stack(2)
     wait_for_pipeline(stack, 2)
+    # The first request starts the pipeline's scheduler: its id must not label the scheduler's own lines.
+    generate(stack.router_address, prompt_token_ids={"ids": PROMPT}, max_tokens=2, request_id="warm-up")
     max_tokens = 48
     received: list[router_pb2.GenerateResponse] = []
     killed = threading.Event()
     with grpc.insecure_channel(stack.router_address) as channel:
         stub = router_pb2_grpc.RouterServiceStub(channel)
-        request = router_pb2.GenerateRequest(prompt_token_ids={"ids": PROMPT}, max_tokens=max_tokens, ignore_eos=True)
+        request = router_pb2.GenerateRequest(
+            prompt_token_ids={"ids": PROMPT}, max_tokens=max_tokens, ignore_eos=True, request_id="client-7"
+        )
         for response in stub.Generate(request, timeout=180):
             received.append(response)
             if len(received) == 5 and not killed.is_set():
@@ -34,6 +38,10 @@ def test_node_killed_mid_generation_stream_finishes_identically(make_stack, refe
     assert tokens == greedy_reference(reference, PROMPT, max_tokens)
     assert received[-1].usage.failovers >= 1
     assert received[-1].finish_reason == router_pb2.FINISH_REASON_LENGTH
+    assert {r.request_id for r in received} == {"client-7"}
+    failed, failovers = log_events(stack, "router", "step_failed"), log_events(stack, "router", "request_failover")
+    assert failed and all("request_id" not in record for record in failed), failed
+    assert failovers and {record["request_id"] for record in failovers} == {"client-7"}, failovers
 
 
 def test_node_joining_under_traffic_replans_and_every_stream_stays_identical(make_stack, reference) -> None:

@@ -10,7 +10,7 @@ import pytest
 from services.common.pb import router_pb2
 from services.tokenizer.tokenization import Tokenizer
 from services.tokenizer.vocab import DEFAULT_CACHE_DIR
-from tests.e2e.conftest import generate, greedy_reference, wait_for_pipeline
+from tests.e2e.conftest import generate, greedy_reference, log_events, wait_for_pipeline
 
 PROMPTS = [[15496, 11, 995], [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13], [50256]]
 MAX_TOKENS = 12
@@ -90,10 +90,13 @@ def test_bad_parameters_are_invalid_argument(make_stack) -> None:
         dict(prompt_token_ids={"ids": [60000]}),
         dict(prompt="hi", max_tokens=10**6),
     ]
-    for fields in cases:
+    for index, fields in enumerate(cases):
         with pytest.raises(grpc.RpcError) as caught:
-            generate(stack.router_address, **fields)
+            generate(stack.router_address, request_id=f"client-{index}", **fields)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, fields
+    # The interceptor's line for each refusal carries the id the client chose, not one of its own.
+    refusals = [record for record in log_events(stack, "router", "rpc_error") if record["method"] == "Generate"]
+    assert [record["request_id"] for record in refusals] == [f"client-{index}" for index in range(len(cases))]
 
 
 def test_no_nodes_is_unavailable_naming_missing_layers(make_stack) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -14,6 +13,7 @@ import pytest
 from services.common.pb import router_pb2, router_pb2_grpc
 from services.launcher import Stack
 from tests.e2e.conftest import wait_for_pipeline
+from tests.polling import eventually_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = [464, 2068, 7586, 21831]
@@ -30,12 +30,10 @@ def released(stack: Stack, node: str) -> list[dict]:
 
 
 def wait_until_released(stack: Stack, nodes: list[str], timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if all(released(stack, node) and released(stack, node)[-1]["cached"] == 0 for node in nodes):
-            return
-        time.sleep(0.1)
-    raise AssertionError({node: released(stack, node) for node in nodes})
+    def all_freed() -> bool:
+        return all(released(stack, node) and released(stack, node)[-1]["cached"] == 0 for node in nodes)
+
+    eventually_sync(all_freed, timeout_s, f"every cache freed on {nodes}")
 
 
 def test_client_going_away_frees_every_nodes_cache(make_stack) -> None:

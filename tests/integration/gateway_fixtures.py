@@ -10,11 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
-import socket
-import subprocess
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,17 +19,17 @@ import numpy as np
 import torch
 from websockets.asyncio.client import ClientConnection, connect
 
-from services.common.pb import common_pb2, gateway_pb2, gateway_pb2_grpc, router_pb2
+from services.common.pb import gateway_pb2, gateway_pb2_grpc, router_pb2
 from services.common.server import GrpcServer, channel
 from services.gateway.__main__ import start_gateway, stop_gateway
 from services.gateway.hub import Hub
 from services.gateway.settings import GatewaySettings
 from services.gateway.websocket_server import WS_PATH, NodeEndpoint
-from services.launcher import free_port
 from services.node.agent import NodeAgent
 from services.node.settings import NodeSettings
 from services.wire import syn1
 from services.wire.gateway_client import GatewayClient
+from services.wire.steps import Stage, Step, TokenInput
 
 # What a node reports in the STATS frame of every fake reply, milliseconds.
 FAKE_STATS_MS = (1.5, 0.25, 0.125)  # compute, queue, serialize
@@ -99,30 +95,6 @@ async def running_gateway(**overrides: object) -> AsyncIterator[RunningGateway]:
         yield gateway
     finally:
         await gateway.stop()
-
-
-@contextlib.contextmanager
-def redis_server(folder: Path) -> Iterator[str]:
-    """A real redis-server on a free port, nothing persisted; yields its URL."""
-    executable = shutil.which("redis-server")
-    assert executable, "redis-server is not installed: run `bash ops/setup.sh`"
-    port = free_port()
-    command = [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-               "--dir", str(folder)]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, f"redis-server did not listen on {port} within 10 s"
-                time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 # --- fake stages: what a node computes, reduced to something a test can check ------------------
@@ -312,16 +284,15 @@ async def run_client(gateway: RunningGateway) -> AsyncIterator[GatewayClient]:
         await client.close()
 
 
-def stage(node_id: str, start: int, end: int, gateway_address: str = "") -> gateway_pb2.Stage:
-    return gateway_pb2.Stage(
-        node_id=node_id, layers=common_pb2.LayerRange(start=start, end=end), gateway_address=gateway_address
-    )
+def stage(node_id: str, start: int, end: int, gateway_address: str = "") -> Stage:
+    return Stage(node_id, (start, end), gateway_address)
 
 
-def token_step(
-    route: list[gateway_pb2.Stage], request_id: int, position: int, token_ids: list[int]
-) -> gateway_pb2.StepRequest:
-    """A StepRequest feeding token ids into the first stage of `route`."""
-    request = gateway_pb2.StepRequest(route=route)
-    request.items.items.add(request_id=request_id, position=position, token_ids=token_ids)
-    return request
+def token_step(route: list[Stage], request_id: int, position: int, token_ids: list[int]) -> Step:
+    """A step feeding token ids into the first stage of `route`."""
+    return Step(tuple(route), tokens=(TokenInput(request_id, position, token_ids),))
+
+
+def frames_step(route: list[Stage], frames: bytes) -> Step:
+    """A step feeding SYN1 frames (activations) into the first stage of `route`."""
+    return Step(tuple(route), frames=frames)

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.common.metrics import start_metrics_server
-from services.common.pb import gateway_pb2
+from services.common.pb import common_pb2, gateway_pb2
 from services.wire import syn1
 from tests.integration.gateway_fixtures import (
     FAKE_HIDDEN,
@@ -27,6 +27,7 @@ from tests.integration.gateway_fixtures import (
     stage,
     token_step,
 )
+from tests.polling import eventually
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -76,11 +77,14 @@ async def test_gateway_metrics_after_real_traffic() -> None:
         async with run_client(gateway) as client:
             decode = token_step([stage("metrics-first", 0, 1), stage("metrics-last", 1, 2)], 1, 9, [42])
             prefill = token_step([stage("metrics-last", 0, 2)], 2, 0, [1, 2, 3, 4])
-            responses = await asyncio.gather(client.step(decode, 5), client.step(prefill, 5))
-        assert not any(response.HasField("error") for response in responses)
-        await gateway.stub.AssignShard(gateway_pb2.AssignShardRequest(node_id="metrics-last"), timeout=5)
-        with pytest.raises(grpc.aio.AioRpcError):
-            await gateway.stub.AssignShard(gateway_pb2.AssignShardRequest(node_id="nobody"), timeout=5)
+            await asyncio.gather(client.step(decode, 5), client.step(prefill, 5))  # StepFailed would raise
+        for node_id in ("metrics-last", "nobody"):
+            request = gateway_pb2.AssignShardRequest(node_id=node_id, activation_dtype=common_pb2.DTYPE_FLOAT16)
+            if node_id == "nobody":
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await gateway.stub.AssignShard(request, timeout=5)
+            else:
+                await gateway.stub.AssignShard(request, timeout=5)
         await first.close()
         await last.close()
         await _until_left(gateway, {"metrics-first", "metrics-last"})
@@ -131,8 +135,4 @@ async def test_rejected_messages_are_counted_by_kind() -> None:
 
 
 async def _until_left(gateway: RunningGateway, node_ids: set[str]) -> None:
-    for _ in range(250):
-        if not node_ids & set(gateway.hub.connections):
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{node_ids & set(gateway.hub.connections)} still connected")
+    await eventually(lambda: not node_ids & set(gateway.hub.connections), 5, f"{node_ids} leaving")

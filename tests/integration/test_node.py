@@ -23,6 +23,7 @@ from services.sharder.catalog import Catalog
 from services.sharder.http_server import start_http
 from services.sharder.settings import SharderSettings
 from services.wire import syn1
+from services.wire.steps import StepFailed
 from tests.checkpoints import load_reference, make_random_checkpoint
 from tests.integration.gateway_fixtures import (
     RunningGateway,
@@ -35,6 +36,7 @@ from tests.integration.gateway_fixtures import (
     token_step,
     watching,
 )
+from tests.polling import eventually
 
 TOP_K = 5
 
@@ -94,13 +96,6 @@ async def assign(gateway: RunningGateway, assignment: sharder_pb2.Assignment, no
     await gateway.stub.AssignShard(request, timeout=5)
 
 
-async def eventually(check: Callable[[], bool], timeout_s: float = 5.0, what: str = "condition") -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not check():
-        assert asyncio.get_running_loop().time() < deadline, f"{what} not reached within {timeout_s} s"
-        await asyncio.sleep(0.02)
-
-
 def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -138,7 +133,6 @@ async def _step_matches_reference(gateway: RunningGateway, checkpoint_dir: Path)
     prompt = [5, 17, 3, 60]
     async with run_client(gateway) as client:
         response = await client.step(token_step([stage("native-1", 0, 2)], 7, 0, prompt), 30)
-    assert not response.HasField("error"), response.error
     (output,) = syn1.decode_frames(response.frames)
     assert (output.msg_type, output.request_id, output.position) == (syn1.MessageType.OUTPUT, 7, len(prompt) - 1)
     with torch.no_grad():
@@ -248,21 +242,22 @@ async def test_kv_caches_are_freed_on_release_and_when_idle(
         await watch.until("native-1", "ready", timeout_s=30)
         route = [stage("native-1", 0, 2)]
         for request_id in (1, 2):
-            response = await client.step(token_step(route, request_id, 0, [1, 2, 3]), 30)
-            assert not response.HasField("error"), response.error
+            await client.step(token_step(route, request_id, 0, [1, 2, 3]), 30)
         assert agent.worker.cached_requests == 2
         await client.release([1], ["native-1"])
         await eventually(lambda: agent.worker.cached_requests == 1, 5, "request 1 released")
         # Request 2 is never released: the idle sweep frees it after idle_timeout_s.
         await eventually(lambda: agent.worker.cached_requests == 0, 5, "request 2 expired")
         # A step that continues a freed request is refused (step_failed), and the node stays.
-        response = await client.step(token_step(route, 2, 3, [4]), 30)
-        assert response.error.node_id == "native-1" and "replay from position 0" in response.error.message
+        with pytest.raises(StepFailed) as failed:
+            await client.step(token_step(route, 2, 3, [4]), 30)
+        assert failed.value.node_id == "native-1" and "replay from position 0" in str(failed.value)
         assert "native-1" in gateway.hub.connections
 
 
 @pytest.mark.timeout(30)
 async def test_step_before_any_shard_is_a_step_error(gateway: RunningGateway, tmp_path: Path) -> None:
     async with running_agent(make_agent(gateway.ws_url, "empty", tmp_path / "cache")), run_client(gateway) as client:
-        response = await client.step(token_step([stage("empty", 0, 2)], 1, 0, [1]), 10)
-    assert response.error.node_id == "empty" and "before any shard" in response.error.message
+        with pytest.raises(StepFailed) as failed:
+            await client.step(token_step([stage("empty", 0, 2)], 1, 0, [1]), 10)
+    assert failed.value.node_id == "empty" and "before any shard" in str(failed.value)

@@ -31,8 +31,9 @@ from services.sharder.settings import SharderSettings
 from services.sharder.shards import read_shard
 from services.wire import syn1
 from services.wire.gateway_client import GatewayClient
+from services.wire.steps import Step, StepFailed, TokenInput
 from tests.checkpoints import load_reference, make_random_checkpoint
-from tests.integration.gateway_fixtures import RunningGateway, running_gateway, stage, token_step
+from tests.integration.gateway_fixtures import RunningGateway, frames_step, running_gateway, stage, token_step
 from tests.webnode.conftest import NodePage, OpenPage, page_url
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(300)]
@@ -142,16 +143,14 @@ class Scenario:
         route = [stage(self.node, ref.start, ref.end)]
         positions = {rid: self.lengths.get(rid, 0) for rid in new}
         if ref.is_first:
-            request = gateway_pb2.StepRequest(route=route)
-            for rid, tokens in new.items():
-                request.items.items.add(request_id=rid, position=positions[rid], token_ids=tokens)
+            tokens_in = tuple(TokenInput(rid, positions[rid], tokens) for rid, tokens in new.items())
+            request = Step(tuple(route), tokens=tokens_in)
             inputs = [torch.tensor(tokens) for tokens in new.values()]
         else:
             frames = [syn1.Frame.activation(rid, positions[rid], hidden) for rid, hidden in new.items()]
-            request = gateway_pb2.StepRequest(route=route, frames=syn1.encode_frames(frames))
+            request = frames_step(route, syn1.encode_frames(frames))
             inputs = [torch.from_numpy(hidden) for hidden in new.values()]
         response = await self.client.step(request, 120)
-        assert not response.HasField("error"), response.error.message
         caches = [self.caches.setdefault(rid, ref.new_cache()) for rid in new]
         expected = ref(inputs, caches, last_only=True)
         for rid, tokens in new.items():
@@ -402,23 +401,25 @@ async def test_impossible_steps_fail_alone_and_the_node_stays(open_page: OpenPag
     cases = {
         "replay from position 0": token_step(route, 9, 5, [1, 2]),  # continues a request it never saw
         "outside [0, 50257)": token_step(route, 9, 0, [50257]),
-        "takes TOKENS frames": gateway_pb2.StepRequest(
-            route=route, frames=syn1.encode(syn1.Frame.activation(9, 0, np.zeros((1, 64), np.float32)))
+        "takes TOKENS frames": frames_step(
+            route, syn1.encode(syn1.Frame.activation(9, 0, np.zeros((1, 64), np.float32)))
         ),
         "exceed the model's 64 positions": token_step(route, 9, 0, list(range(65))),
     }
     for expected, request in cases.items():
-        response = await client.step(request, 60)
-        assert response.error.node_id == node and expected in response.error.message, response.error
+        with pytest.raises(StepFailed) as failed:
+            await client.step(request, 60)
+        assert failed.value.node_id == node and expected in str(failed.value), failed.value
     response = await client.step(token_step(route, 9, 0, [1, 2, 3]), 60)
-    assert not response.HasField("error") and syn1.decode_frames(response.frames)[0].rows == 3
+    assert syn1.decode_frames(response.frames)[0].rows == 3
     # Steps queued while one runs are batched; a bad one among them fails alone, in its place in the order.
     reference = reference_stage(sharder, first)
     requests = [token_step(route, 20, 0, [4, 5]), token_step(route, 21, 3, [6]), token_step(route, 22, 0, [7, 8, 9])]
-    first_reply, bad, last_reply = await asyncio.gather(*(client.step(request, 60) for request in requests))
-    assert "replay from position 0" in bad.error.message
+    replies = await asyncio.gather(*(client.step(request, 60) for request in requests), return_exceptions=True)
+    first_reply, bad, last_reply = replies
+    assert isinstance(bad, StepFailed) and "replay from position 0" in str(bad)
     for reply, tokens in ((first_reply, [4, 5]), (last_reply, [7, 8, 9])):
-        assert not reply.HasField("error"), reply.error
+        assert not isinstance(reply, BaseException), reply
         (expected,) = reference([torch.tensor(tokens)], [reference.new_cache()])
         assert relative_error(syn1.decode_frames(reply.frames)[0].to_float32(), expected) <= MAX_RELATIVE_ERROR
     state = await page.state()
