@@ -93,6 +93,7 @@ class NodePage:
     context: BrowserContext
     console: list[str] = field(default_factory=list)
     requests: list[str] = field(default_factory=list)
+    websockets: list[str] = field(default_factory=list)  # URL of every WebSocket the page opened
 
     async def state(self) -> dict:
         return await self.page.evaluate("JSON.parse(JSON.stringify(window.synapse ?? null))")
@@ -157,6 +158,7 @@ async def open_page(browser: Browser) -> AsyncIterator[OpenPage]:
         page.on("console", lambda message: node_page.console.append(_console_line(message)))
         page.on("pageerror", lambda error: node_page.console.append(f"pageerror: {error}"))
         page.on("request", lambda request: node_page.requests.append(_request_url(request)))
+        page.on("websocket", lambda websocket: node_page.websockets.append(websocket.url))
         pages.append(node_page)
         await page.goto(url)
         return node_page

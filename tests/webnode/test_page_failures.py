@@ -20,6 +20,7 @@ from services.sharder.http_server import start_http
 from services.wire import syn1
 from services.wire.steps import StepFailed
 from tests.integration.gateway_fixtures import frames_step, stage, token_step
+from tests.polling import eventually
 from tests.webnode.conftest import OpenPage, Sharder, page_url
 from tests.webnode.page_steps import (
     FAST,
@@ -71,6 +72,7 @@ async def test_garbage_frames_are_reported_the_page_leaves_and_reconnects(open_p
         assert "bad magic" in state["error"]
         assert await page.page.is_visible("#error") and "bad magic" in await page.page.inner_text("#error")
         await page.wait_for("s.sessions === 3", 30)  # it reconnected after its close and after the drop
+        assert len(page.websockets) == 3, page.websockets  # the third connection is kept: no fourth
     first = fake.received[0]
     assert first[0]["kind"] == "hello" and first[0]["node_kind"] == "web" and first[0]["node_id"] == "web-garbage"
     errors = [m for m in first if isinstance(m, dict) and m.get("kind") == "error"]
@@ -116,14 +118,13 @@ async def test_corrupt_shard_is_reported_not_cached_and_the_node_leaves_cleanly_
     assert whole.sha256 in state["error"] and "not cached" in state["error"]
     assert state["loads"] == 0
     assert "sha256 mismatch" in await page.page.inner_text("#error")
+
     # A clean leave (error, bye, close: the router re-plans without it), then a new join after the backoff.
-    for _ in range(200):
+    def joined_again() -> bool:
         connection = gateway.hub.connections.get(node)
-        if connection is not None and connection.record.state == "joined":
-            break
-        await asyncio.sleep(0.05)
-    else:
-        raise AssertionError("the page did not join again after leaving")
+        return connection is not None and connection.record.state == "joined"
+
+    await eventually(joined_again, 10, "the page joining again after leaving")
     # The real shard still loads: downloaded again, as nothing corrupt was cached.
     await assign_and_wait(page, gateway, node, whole, top_k=TOP_K)
     assert [url for url in page.shard_requests() if url.startswith(whole.shard_url)], page.requests
@@ -184,15 +185,13 @@ async def test_gpu_failure_is_reported_and_the_node_leaves(open_page: OpenPage, 
             # The GPU process reports errors when the page next talks to it: onSubmittedWorkDone makes it talk.
             script = f"{GPU_FAILURES[expected]}; await device.queue.onSubmittedWorkDone();"
             await page.page.evaluate(f"async () => {{ const device = window.synapse.gpu.device; {script} }}")
+            # "left" is shown only once the connection has stopped for good: its socket closed and no
+            # reconnect scheduled (connection.js), so from here on nothing can open another one.
             state = await page.wait_for("s.state === 'error' && s.connection.startsWith('left')")
             assert expected in state["error"] and expected in await page.page.inner_text("#error")
-        for _ in range(100):
-            if node not in gateway.hub.connections and fake.close_codes:
-                break
-            await asyncio.sleep(0.05)
-        assert node not in gateway.hub.connections, "the real gateway saw the node leave"
-        await asyncio.sleep(1.5)
-        assert (await page.state())["sessions"] == 1, "a node whose GPU failed does not rejoin"
+            assert state["sessions"] == 1 and len(page.websockets) == 1, "a node whose GPU failed does not rejoin"
+        await eventually(lambda: node not in gateway.hub.connections, 5, "the real gateway seeing the node leave")
+        await eventually(lambda: bool(fake.close_codes), 5, "the fake gateway seeing the socket close")
     (messages,) = fake.received  # one connection: no reconnect
     said = [message for message in messages if isinstance(message, dict) and message["kind"] != "heartbeat"]
     assert [message["kind"] for message in said] == ["hello", "error", "bye"], messages
@@ -202,9 +201,10 @@ async def test_gpu_failure_is_reported_and_the_node_leaves(open_page: OpenPage, 
 
 async def test_without_webgpu_the_page_says_so_and_does_not_join(open_page: OpenPage, gateway) -> None:
     page = await open_page(page_url(gateway.ws_port, node_id="web-nogpu"), init_script="delete Navigator.prototype.gpu")
+    # boot() sets "unsupported" and returns: no node and no connection exist, so none can open later.
     state = await page.wait_for("s.state === 'unsupported'")
     assert "no WebGPU" in state["error"]
     assert "No WebGPU" in await page.page.inner_text("#state")
     assert await page.page.is_visible("#error")
-    await asyncio.sleep(0.5)
-    assert "web-nogpu" not in gateway.hub.connections
+    assert state["connection"] == "not connected" and state["sessions"] == 0
+    assert page.websockets == [] and "web-nogpu" not in gateway.hub.connections
