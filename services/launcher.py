@@ -21,7 +21,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.errors import Unavailable
+from services.common.join_tokens import issue, new_secret
 
+JOIN_TOKEN_DAYS = 365  # the stack's own token: nodes show it at every reconnect while the stack runs
 # Below Linux's ephemeral range (32768-60999): a port the kernel hands to outgoing connections can be
 # taken between choosing it here and the service binding it, which failed stacks at random.
 _PORT_RANGE = (20000, 32000)
@@ -70,8 +72,12 @@ class Stack:
     env: dict[str, str] = field(default_factory=dict)
     processes: list[Process] = field(default_factory=list)
     default_ports: bool = False  # the services' documented default ports instead of free ones
+    # The gateways' join secret, made for this stack; its nodes get a token signed with it. None: open gateways.
+    join_secret: str | None = field(default_factory=new_secret)
 
     def __post_init__(self) -> None:
+        expires_at = int(time.time()) + JOIN_TOKEN_DAYS * 86400
+        self.join_token = issue(self.join_secret, expires_at=expires_at) if self.join_secret else ""
         names = ("tokenizer", "sampler", "sharder", "sharder_http", "router")
         if self.default_ports:
             self.ports = dict(zip(names, (50051, 50052, 50053, 8081, 50050), strict=True))
@@ -107,7 +113,13 @@ class Stack:
         for index, (grpc_port, ws_port) in enumerate(self.gateway_ports):
             self._spawn(
                 "gateway",
-                {"PORT": grpc_port, "WS_PORT": ws_port, "GATEWAY_ID": f"gateway-{index}", **common},
+                {
+                    "PORT": grpc_port,
+                    "WS_PORT": ws_port,
+                    "GATEWAY_ID": f"gateway-{index}",
+                    **self._join_secrets(),
+                    **common,
+                },
                 grpc_port=grpc_port,
                 name=f"gateway-{index}",
             )
@@ -135,9 +147,13 @@ class Stack:
             "NODE_ID": node_id,
             "LOG_FORMAT": "json",
             "CACHE_DIR": self.workdir / "node-cache" / node_id,
+            **({"JOIN_TOKEN": self.join_token} if self.join_token else {}),
             **settings,
         }
         return self._spawn("node", values, name=node_id, extra=self.node_env)
+
+    def _join_secrets(self) -> dict[str, str]:
+        return {"JOIN_SECRETS": self.join_secret} if self.join_secret else {}
 
     def _spawn(
         self,

@@ -42,6 +42,13 @@ def generate(out: Path = OUT) -> list[Path]:
 
 
 def main() -> None:
+    try:
+        import grpc_tools  # noqa: F401 - checked before --clean removes the stubs there are
+    except ImportError:
+        raise SystemExit(
+            "grpcio-tools is not installed (it is a build-time dependency): `pip install grpcio-tools==1.85.1`, "
+            "or regenerate through the install: `pip install --no-deps -e .`"
+        ) from None
     if "--clean" in sys.argv and OUT.exists():
         shutil.rmtree(OUT)
     for path in generate():

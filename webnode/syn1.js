@@ -11,6 +11,7 @@ export const MAGIC = 0x53594e31; // read as a big-endian u32: the ASCII bytes S 
 export const HEADER_SIZE = 24;
 export const ALIGNMENT = 4;
 export const DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024 * 1024;
+export const DEFAULT_MAX_FRAMES = 1024; // frames in one message: one per request of a step's batch
 
 export const MessageType = Object.freeze({ ACTIVATION: 1, TOKENS: 2, OUTPUT: 3, LOGITS: 4, STATS: 5 });
 export const DType = Object.freeze({ F32: 1, F16: 2, I8: 3, I32: 4 });
@@ -26,7 +27,7 @@ export class FrameError extends Error {
 
 const U32_MAX = 0xffffffff;
 const KNOWN_FLAGS = 0x0f;
-const RESERVED_FLAGS = [Flag.COMPRESSED, Flag.DELTA, Flag.PREDICTED];
+const RESERVED_FLAGS = [Flag.COMPRESSED, Flag.DELTA];
 const TYPE_NAME = { 1: "ACTIVATION", 2: "TOKENS", 3: "OUTPUT", 4: "LOGITS", 5: "STATS" };
 const DTYPE_NAME = { 1: "F32", 2: "F16", 3: "I8", 4: "I32" };
 const FLAG_NAME = { 1: "QUANTIZED", 2: "COMPRESSED", 4: "DELTA", 8: "PREDICTED" };
@@ -142,6 +143,9 @@ function checkHeader({ msgType, flags, dtype, rows, cols }, maxPayloadBytes) {
       `flag QUANTIZED must be set exactly when dtype is I8 (flags 0x${hex}, dtype ${DTYPE_NAME[dtype]})`,
     );
   }
+  if (flags & Flag.PREDICTED && msgType !== MessageType.TOKENS && msgType !== MessageType.ACTIVATION) {
+    throw new FrameError(`flag PREDICTED is for TOKENS and ACTIVATION frames, not ${TYPE_NAME[msgType]}`);
+  }
   if (rows < 1 || cols < 1) {
     throw new FrameError(`empty shape (${rows}, ${cols}): rows and cols must both be at least 1`);
   }
@@ -204,12 +208,18 @@ export function decode(buf, { maxPayloadBytes = DEFAULT_MAX_PAYLOAD_BYTES } = {}
 }
 
 /** A message of one or more frames back to back -> frames in order; any defect fails the message. */
-export function decodeFrames(buf, { maxPayloadBytes = DEFAULT_MAX_PAYLOAD_BYTES } = {}) {
+export function decodeFrames(
+  buf,
+  { maxPayloadBytes = DEFAULT_MAX_PAYLOAD_BYTES, maxFrames = DEFAULT_MAX_FRAMES } = {},
+) {
   const bytes = asBytes(buf);
   if (bytes.length === 0) throw new FrameError("empty message: it holds no frames");
   const frames = [];
   let offset = 0;
   while (offset < bytes.length) {
+    if (frames.length === maxFrames) {
+      throw new FrameError(`frame ${frames.length} at byte ${offset}: a message holds at most ${maxFrames} frames`);
+    }
     let frame;
     try {
       [frame, offset] = decodeAt(bytes, offset, maxPayloadBytes);

@@ -12,6 +12,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node-id", help="stable node id (default host-pid)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to compute")
     parser.add_argument("--memory", type=int, help="memory budget in bytes")
+    parser.add_argument(
+        "--join-token",
+        help="join token from `synapse token` (better SYNAPSE_NODE_JOIN_TOKEN: a command line shows in ps)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
         "node_id": args.node_id,
         "device": args.device,
         "memory_bytes": args.memory,
+        "join_token": args.join_token,
     }
     settings = NodeSettings(**{key: value for key, value in overrides.items() if value is not None})
     with contextlib.suppress(KeyboardInterrupt):

@@ -56,6 +56,12 @@ def run(args: argparse.Namespace) -> int:
             'try `synapse generate "Hello"`; Ctrl-C stops',
             flush=True,
         )
+        web_page = stack.gateway_url().replace("ws://", "http://").removesuffix("/ws")
+        print(
+            f"more nodes: SYNAPSE_NODE_JOIN_TOKEN={stack.join_token} synapse node --gateway {stack.gateway_url()}\n"
+            f"a web node: open {web_page}/?join_token={stack.join_token}",
+            flush=True,
+        )
         signal.signal(signal.SIGTERM, _interrupt)
         while all(p.popen.poll() is None for p in stack.processes):
             time.sleep(1.0)

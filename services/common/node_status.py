@@ -1,6 +1,14 @@
-"""NodeRecord <-> the protobuf that carries it: NodeStatus (router API) and NodeEvent (WatchNodes)."""
+"""NodeRecord <-> the protobuf that carries it: NodeStatus (router API) and NodeEvent (WatchNodes).
+
+Converting a record never raises: one record a protobuf cannot hold (a u64 overflow, a lone surrogate)
+would otherwise end WatchNodes for every node. Records are validated where they are made (a node's
+hello, services/wire/control.py); what still does not fit here is clamped and logged.
+"""
 
 from __future__ import annotations
+
+import logging
+import math
 
 from services.common.nodes import NodeKind, NodeRecord, NodeState
 from services.common.pb import common_pb2, gateway_pb2, router_pb2
@@ -14,26 +22,58 @@ STATES: dict[NodeState, int] = {
 }
 KIND_NAMES: dict[int, NodeKind] = {value: name for name, value in KINDS.items()}
 STATE_NAMES: dict[int, NodeState] = {value: name for name, value in STATES.items()}
+_U32_MAX, _U64_MAX = 2**32 - 1, 2**64 - 1
+
+log = logging.getLogger(__name__)
 
 
 def node_status_pb(node: NodeRecord) -> router_pb2.NodeStatus:
     status = router_pb2.NodeStatus(
-        node_id=node.node_id,
+        node_id=_text(node.node_id),
         kind=KINDS.get(node.kind, common_pb2.NODE_KIND_UNSPECIFIED),
-        device=node.device,
-        memory_bytes=node.memory_bytes,
-        speed=node.speed,
-        state=STATES[node.state],
-        shard_id=node.shard_id,
-        gateway_id=node.gateway_id,
+        device=_text(node.device),
+        memory_bytes=_unsigned(node.memory_bytes, _U64_MAX, node, "memory_bytes"),
+        speed=_speed(node),
+        state=STATES.get(node.state, router_pb2.NODE_STATE_GONE),
+        shard_id=_text(node.shard_id),
+        gateway_id=_text(node.gateway_id),
     )
     if node.layers is not None:
-        status.layers.start, status.layers.end = node.layers
+        start, end = node.layers
+        status.layers.start = _unsigned(start, _U32_MAX, node, "layers")
+        status.layers.end = _unsigned(end, _U32_MAX, node, "layers")
     return status
 
 
 def node_event_pb(node: NodeRecord) -> gateway_pb2.NodeEvent:
-    return gateway_pb2.NodeEvent(node=node_status_pb(node), gateway_address=node.gateway_address, version=node.version)
+    return gateway_pb2.NodeEvent(
+        node=node_status_pb(node),
+        gateway_address=_text(node.gateway_address),
+        version=_unsigned(node.version, _U64_MAX, node, "version"),
+    )
+
+
+def _unsigned(value: object, limit: int, node: NodeRecord, field: str) -> int:
+    """An int in [0, limit]; anything else is clamped (or 0) and logged."""
+    number = value if isinstance(value, int) and not isinstance(value, bool) else 0
+    clamped = min(max(number, 0), limit)
+    if clamped != value:
+        log.warning("node_status_clamped", extra={"node": _text(node.node_id), "field": field, "value": repr(value)})
+    return clamped
+
+
+def _speed(node: NodeRecord) -> float:
+    """A finite speed >= 0; a record holding anything else says 0 (placement gives it no work)."""
+    speed = node.speed
+    if isinstance(speed, int | float) and not isinstance(speed, bool) and math.isfinite(speed) and speed >= 0:
+        return float(speed)
+    log.warning("node_status_clamped", extra={"node": _text(node.node_id), "field": "speed", "value": repr(speed)})
+    return 0.0
+
+
+def _text(value: object) -> str:
+    """A string protobuf can encode: lone surrogates become backslash escapes."""
+    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def node_from_event(event: gateway_pb2.NodeEvent) -> NodeRecord:

@@ -44,7 +44,13 @@ async def start_gateway(settings: GatewaySettings) -> tuple[GrpcServer, NodeEndp
     gateway_id = settings.gateway_id or f"{socket.gethostname()}-{os.getpid()}-{server.port}"
     registry = make_registry(settings)
     await registry.start(gateway_id, address)
-    hub = Hub(gateway_id, address, registry, settings.step_timeout_s)
+    hub = Hub(
+        gateway_id,
+        address,
+        registry,
+        settings.step_timeout_s,
+        quarantine_s=(settings.quarantine_s, settings.quarantine_max_s),
+    )
     gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(hub), server.server)
     endpoint = NodeEndpoint(hub, settings)
     await endpoint.start()

@@ -34,8 +34,20 @@ HOP_BYTES_PER_TOKEN = Histogram(
 )
 HOP_BYTES = Counter("synapse_gateway_hop_bytes_total", "Bytes moved to and from nodes.", ["direction"])
 STEPS = Counter("synapse_gateway_steps_total", "Route steps run by this gateway, by outcome.", ["outcome"])
-FRAMES_REJECTED = Counter(
+REJECTED = Counter(
     "synapse_gateway_rejected_messages_total",
-    "Malformed node messages (connection closed), by kind.",
-    ["kind"],
+    "Connections and messages the node endpoint refused, by reason (services/gateway/admission.py, Reason).",
+    ["reason"],
+)
+QUARANTINES = Counter(
+    "synapse_gateway_quarantines_total",
+    "Nodes kept out for a backoff, by cause: answer (for work not given, wrong shape, NaN/Inf) or "
+    "disagreement (a verification recomputed its step elsewhere and got other numbers).",
+    ["cause"],
+)
+VERIFICATIONS = Counter(
+    "synapse_gateway_verifications_total",
+    "Stages recomputed on verifiers, by outcome: agreed, outvoted (a node quarantined), unresolved (two answers "
+    "differ, no majority), incomplete (a verifier could not answer).",
+    ["outcome"],
 )

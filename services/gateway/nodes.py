@@ -12,6 +12,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from services.common.nodes import NodeRecord
+from services.gateway.answers import StageShape
 from services.wire import syn1
 from services.wire.steps import StepFailed
 
@@ -59,6 +60,7 @@ class NodeConnection:
         self._pending: collections.deque[asyncio.Future[StepReply]] = collections.deque()
         self._send_lock = asyncio.Lock()
         self.closed_because: str | None = None
+        self.shape: StageShape | None = None  # what its answers must look like, from its assignment
 
     @property
     def node_id(self) -> str:

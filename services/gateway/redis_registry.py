@@ -12,7 +12,8 @@ import redis.asyncio as redis
 
 from services.common.errors import Unavailable
 from services.common.nodes import NodeRecord
-from services.wire.membership import EVENTS_CHANNEL, GATEWAY_KEY, NODES_KEY
+from services.gateway.registry import OFFENSE_MEMORY_S, describe_quarantine, quarantine_seconds
+from services.wire.membership import EVENTS_CHANNEL, GATEWAY_KEY, NODES_KEY, OFFENSES_KEY, QUARANTINE_KEY
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,27 @@ class RedisRegistry:
     async def all(self) -> list[NodeRecord]:
         values = await self.client.hvals(NODES_KEY)
         return [NodeRecord.from_json(text) for text in values]
+
+    async def quarantine(self, node_id: str, reason: str, base_s: float, max_s: float) -> float:
+        """Shared by every gateway: a quarantined node is refused wherever it tries to join."""
+        offenses_key = OFFENSES_KEY.format(node_id)
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.incr(offenses_key)
+            pipe.expire(offenses_key, int(OFFENSE_MEMORY_S))
+            offenses, _ = await pipe.execute()
+        seconds = quarantine_seconds(int(offenses), base_s, max_s)
+        await self.client.set(QUARANTINE_KEY.format(node_id), reason, px=max(1, int(seconds * 1000)))
+        return seconds
+
+    async def quarantined(self, node_id: str) -> str | None:
+        key = QUARANTINE_KEY.format(node_id)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.get(key)
+            pipe.pttl(key)
+            reason, remaining_ms = await pipe.execute()
+        if reason is None or remaining_ms <= 0:
+            return None
+        return describe_quarantine(reason.decode(), remaining_ms / 1000)
 
     async def watch(self) -> AsyncIterator[NodeRecord]:
         """Every current node, then every change any gateway publishes."""

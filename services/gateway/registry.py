@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Protocol
 
 from services.common.nodes import NodeRecord
 
 log = logging.getLogger(__name__)
+
+OFFENSE_MEMORY_S = 24 * 3600.0  # offenses older than a day no longer lengthen a quarantine
 
 
 class Registry(Protocol):
@@ -30,6 +33,21 @@ class Registry(Protocol):
     def watch(self) -> AsyncIterator[NodeRecord]:
         """Every live record, then every change, until the caller stops iterating."""
 
+    async def quarantine(self, node_id: str, reason: str, base_s: float, max_s: float) -> float:
+        """Keep the node out for base_s, doubling with each offense of the last day up to max_s; the seconds."""
+
+    async def quarantined(self, node_id: str) -> str | None:
+        """Why, and for how much longer, the node is kept out; None when it may join."""
+
+
+def quarantine_seconds(offenses: int, base_s: float, max_s: float) -> float:
+    """The backoff of a node's n-th offense: base_s, doubling each time, at most max_s."""
+    return min(max_s, base_s * 2 ** min(max(offenses - 1, 0), 32))
+
+
+def describe_quarantine(reason: str, remaining_s: float) -> str:
+    return f"quarantined for {remaining_s:.0f} s more: {reason}"
+
 
 class MemoryRegistry:
     """One gateway's own nodes, in this process (the embedded default)."""
@@ -37,6 +55,8 @@ class MemoryRegistry:
     def __init__(self) -> None:
         self._nodes: dict[str, NodeRecord] = {}
         self._subscribers: set[asyncio.Queue[NodeRecord]] = set()
+        self._quarantine: dict[str, tuple[float, str]] = {}  # node id -> (monotonic end, reason)
+        self._offenses: dict[str, list[float]] = {}  # node id -> monotonic times of its offenses
 
     async def start(self, gateway_id: str, address: str) -> None:
         del gateway_id, address
@@ -57,6 +77,19 @@ class MemoryRegistry:
 
     async def all(self) -> list[NodeRecord]:
         return [record for record in self._nodes.values() if record.state != "gone"]
+
+    async def quarantine(self, node_id: str, reason: str, base_s: float, max_s: float) -> float:
+        now = time.monotonic()
+        offenses = [t for t in self._offenses.get(node_id, []) if now - t < OFFENSE_MEMORY_S] + [now]
+        self._offenses[node_id] = offenses
+        seconds = quarantine_seconds(len(offenses), base_s, max_s)
+        self._quarantine[node_id] = (now + seconds, reason)
+        return seconds
+
+    async def quarantined(self, node_id: str) -> str | None:
+        end, reason = self._quarantine.get(node_id, (0.0, ""))
+        remaining = end - time.monotonic()
+        return describe_quarantine(reason, remaining) if remaining > 0 else None
 
     async def watch(self) -> AsyncIterator[NodeRecord]:
         """Every current node, then every change, until the caller stops iterating."""

@@ -65,6 +65,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def AssignShard(
         self, request: gateway_pb2.AssignShardRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.AssignShardResponse:
-        node_id, assign = convert.assign_from_pb(request)
-        await self.hub.assign(node_id, assign)
+        node_id, assign, config = convert.assign_from_pb(request)
+        await self.hub.assign(node_id, assign, config)
         return gateway_pb2.AssignShardResponse()

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import AliasChoices, Field
-from pydantic_settings import SettingsConfigDict
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
+from services.common.join_tokens import check_secrets
 from services.common.settings import ServiceSettings
 
 WEBNODE_DIR = Path(__file__).resolve().parents[2] / "webnode"
 
 
 class GatewaySettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="SYNAPSE_GATEWAY_", extra="ignore", populate_by_name=True)
+    # hide_input_in_errors: a rejected join secret is not echoed to the log.
+    model_config = SettingsConfigDict(
+        env_prefix="SYNAPSE_GATEWAY_", extra="ignore", populate_by_name=True, hide_input_in_errors=True
+    )
 
     port: int = Field(50055, ge=0, le=65535, description="gRPC port the router calls; 0 picks a free one.")
     gateway_id: str | None = Field(None, description="Stable id of this gateway instance; default host-pid.")
@@ -36,11 +42,53 @@ class GatewaySettings(ServiceSettings):
         3.0, gt=0, description="A node that answers no ping for this long is marked gone."
     )
     step_timeout_s: float = Field(60.0, gt=0, description="Longest one stage may take for one step.")
-    max_frame_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Largest WebSocket message accepted.")
+    quarantine_s: float = Field(
+        30.0, gt=0, description="How long a node that lied is refused at first; doubles per offense in a day."
+    )
+    quarantine_max_s: float = Field(3600.0, gt=0, description="Longest quarantine of a node.")
+    max_frame_bytes: int = Field(
+        64 * 1024 * 1024, gt=0, description="Largest WebSocket message accepted; larger closes with 1009."
+    )
+    hello_timeout_s: float = Field(
+        10.0, gt=0, description="A connection that sends no hello within this long is closed (1008)."
+    )
+    max_messages_per_s: float = Field(
+        5000.0, gt=0, description="Messages per second one connection may send on average (token bucket; 4029)."
+    )
+    max_message_burst: int = Field(
+        10000, gt=0, description="Messages one connection may send at once above max_messages_per_s."
+    )
+    max_connections_per_address: int = Field(
+        64, ge=0, description="Open connections per client IP (a proxy's, behind one); 0 = no limit; more close 1013."
+    )
+    join_secrets: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Secrets join tokens are signed with, comma-separated, newest first (`synapse token` signs with "
+        "the first; `synapse token --new-secret` makes one); unset with no join_secrets_file = any node may join.",
+    )
+    join_secrets_file: Path | None = Field(
+        None,
+        description="File of join secrets, one a line, newest first; re-read when it changes, so secrets rotate "
+        "without a restart. Set (even empty), nodes need a token.",
+    )
     webnode_dir: Path | None = Field(
         None,
         description="Static files of the web node page, served at /; unset = the webnode/ folder shipped with Synapse.",
     )
+
+    @field_validator("join_secrets", mode="before")
+    @classmethod
+    def _split_secrets(cls, value: object) -> object:
+        """`a,b` from the environment (a JSON list works too)."""
+        if isinstance(value, str):
+            text = value.strip()
+            return json.loads(text) if text.startswith("[") else [part.strip() for part in text.split(",") if part]
+        return value
+
+    @field_validator("join_secrets")
+    @classmethod
+    def _check_secrets(cls, value: list[str]) -> list[str]:
+        return check_secrets(value)
 
     @property
     def webnode_root(self) -> Path:

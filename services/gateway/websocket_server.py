@@ -15,7 +15,18 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from services.common.errors import InvalidArgument
+from services.common.join_tokens import JoinTokenRefused, JoinTokens
+from services.common.nodes import NodeRecord
 from services.gateway import metrics
+from services.gateway.admission import (
+    CLOSE_POLICY,
+    CLOSE_RATE_LIMITED,
+    CLOSE_TOO_BIG,
+    CLOSE_UNAUTHORIZED,
+    AddressSlots,
+    Refusal,
+    TokenBucket,
+)
 from services.gateway.hub import Hub, record_for
 from services.gateway.nodes import NodeConnection
 from services.gateway.settings import GatewaySettings
@@ -24,8 +35,7 @@ from services.wire import control, syn1
 log = logging.getLogger(__name__)
 
 WS_PATH = "/ws"
-HELLO_TIMEOUT_S = 10.0
-CLOSE_POLICY = 1008  # malformed or unexpected message: this connection only
+__all__ = ["CLOSE_POLICY", "WS_PATH", "NodeEndpoint", "static_response"]
 _TYPES = {
     ".js": "text/javascript",
     ".mjs": "text/javascript",
@@ -58,6 +68,8 @@ class NodeEndpoint:
         self.settings = settings
         self.server: Server | None = None
         self.port = 0
+        self.addresses = AddressSlots(settings.max_connections_per_address)
+        self.join_tokens = JoinTokens(settings.join_secrets, settings.join_secrets_file)
 
     async def start(self) -> None:
         settings = self.settings
@@ -82,6 +94,11 @@ class NodeEndpoint:
         self.port = next(iter(self.server.sockets)).getsockname()[1]
         scheme = "wss" if tls else "ws"
         log.info("ws_serving", extra={"url": f"{scheme}://{settings.ws_host}:{self.port}{WS_PATH}"})
+        if not self.join_tokens.enabled:
+            log.warning(
+                "join_tokens_off",
+                extra={"why": "no SYNAPSE_GATEWAY_JOIN_SECRETS(_FILE): any node that reaches this endpoint may join"},
+            )
 
     async def stop(self) -> None:
         if self.server is not None:
@@ -89,75 +106,191 @@ class NodeEndpoint:
             await self.server.wait_closed()
 
     async def handle(self, websocket: ServerConnection) -> None:
+        """One connection, counted against its client address for as long as it is open."""
+        address = client_address(websocket)
         try:
-            hello = await self._hello(websocket)
-        except (InvalidArgument, TimeoutError, ConnectionClosed) as error:
-            await _refuse(websocket, str(error))
+            self.addresses.acquire(address)
+        except Refusal as refusal:
+            await refuse(websocket, None, refusal)
             return
-        record = record_for(hello, self.hub.gateway_id, self.hub.address)
-        connection = NodeConnection(websocket, record, self.settings.max_frame_bytes)
+        try:
+            await self._connection(websocket)
+        finally:
+            self.addresses.release(address)
+
+    async def _connection(self, websocket: ServerConnection) -> None:
+        limit = TokenBucket(self.settings.max_messages_per_s, self.settings.max_message_burst)
+        try:
+            hello = await self._hello(websocket, limit)
+        except Refusal as refusal:
+            await refuse(websocket, None, refusal)
+            return
+        except ConnectionClosed as closed:
+            _report_closed(websocket, None, closed)
+            return
+        quarantined = await self.hub.refusal(hello.node_id)
+        if quarantined is not None:
+            log.warning("node_refused", extra={"node": hello.node_id, "why": quarantined})
+            await refuse(websocket, hello.node_id, Refusal("quarantined", f"node {hello.node_id} is {quarantined}"))
+            return
+        connection = NodeConnection(
+            websocket, record_for(hello, self.hub.gateway_id, self.hub.address), self.settings.max_frame_bytes
+        )
         await self.hub.joined(connection)
         why = "connection closed"
         try:
             await websocket.send(
                 control.dump(control.Welcome(gateway_id=self.hub.gateway_id, heartbeat_s=self.settings.heartbeat_s))
             )
-            why = await self._serve(connection)
-        except ConnectionClosed as error:
-            why = f"connection closed ({error.rcvd.code if error.rcvd else 'no close frame'})"
-        except (InvalidArgument, syn1.FrameError) as error:
-            metrics.FRAMES_REJECTED.labels("frame" if isinstance(error, syn1.FrameError) else "control").inc()
-            why = f"malformed message: {error}"
-            log.warning("node_message_rejected", extra={"node": connection.node_id, "error": str(error)})
-            await _refuse(websocket, why)
+            why = await self._serve(connection, limit)
+        except ConnectionClosed as closed:
+            why = f"connection closed ({closed.rcvd.code if closed.rcvd else 'no close frame'})"
+            _report_closed(websocket, connection.node_id, closed)
+        except Refusal as refusal:
+            why = refusal.message
+            await refuse(websocket, connection.node_id, refusal)
         finally:
             await self.hub.left(connection, why)
 
-    async def _hello(self, websocket: ServerConnection) -> control.Hello:
+    async def _hello(self, websocket: ServerConnection, limit: TokenBucket) -> control.Hello:
+        timeout_s = self.settings.hello_timeout_s
         try:
-            first = await asyncio.wait_for(websocket.recv(), HELLO_TIMEOUT_S)
+            first = await asyncio.wait_for(websocket.recv(), timeout_s)
         except TimeoutError:
-            raise InvalidArgument(f"no hello within {HELLO_TIMEOUT_S:g} s of connecting") from None
+            raise Refusal("hello_timeout", f"no hello within {timeout_s:g} s of connecting") from None
+        limit.take()
         if isinstance(first, bytes):
-            raise InvalidArgument("the first message must be a JSON hello, got binary")
-        message = control.parse_node_message(first)
+            raise Refusal("bad_hello", "the first message must be a JSON hello, got binary")
+        try:
+            message = control.parse_node_message(first)
+        except InvalidArgument as error:
+            raise Refusal("bad_hello", str(error)) from None
         if not isinstance(message, control.Hello):
-            raise InvalidArgument(f"the first message must be hello, got {message.kind}")
+            raise Refusal("bad_hello", f"the first message must be hello, got {message.kind}")
         if message.protocol != control.PROTOCOL_VERSION:
-            raise InvalidArgument(
-                f"protocol {message.protocol} not supported; this gateway speaks {control.PROTOCOL_VERSION}"
+            raise Refusal(
+                "bad_hello",
+                f"protocol {message.protocol} not supported; this gateway speaks {control.PROTOCOL_VERSION}",
             )
+        if self.join_tokens.enabled:
+            try:
+                self.join_tokens.verify(message.join_token, message.node_id)
+            except JoinTokenRefused as error:
+                raise Refusal("join_token", f"node {message.node_id} refused: {error}", CLOSE_UNAUTHORIZED) from None
         return message
 
-    async def _serve(self, connection: NodeConnection) -> str:
+    async def _serve(self, connection: NodeConnection, limit: TokenBucket) -> str:
+        """Every message until the node leaves (the reason it left) or is refused (Refusal)."""
+        settings = self.settings
         async for data in connection.websocket:
-            if isinstance(data, bytes):
-                connection.on_binary(data)
-                continue
-            message = control.parse_node_message(data)
-            if isinstance(message, control.Ready):
-                await self.hub.update(
-                    connection, state="ready", layers=tuple(message.layers), shard_id=message.shard_id
+            if not limit.take():
+                raise Refusal(
+                    "rate_limited",
+                    f"more than {settings.max_messages_per_s:g} messages/s (bursts of {settings.max_message_burst}): "
+                    "SYNAPSE_GATEWAY_MAX_MESSAGES_PER_S",
+                    CLOSE_RATE_LIMITED,
                 )
-                log.info("node_ready", extra={"node": connection.node_id, "layers": list(message.layers)})
-            elif isinstance(message, control.StepFailed):
-                connection.on_step_failed(message.message)
-            elif isinstance(message, control.Progress):
-                log.debug("node_progress", extra={"node": connection.node_id, "done": message.done_bytes})
-            elif isinstance(message, control.Error):
-                log.warning("node_error", extra={"node": connection.node_id, "error": message.message})
-                if message.fatal:
-                    return f"node reported a fatal error: {message.message}"
-            elif isinstance(message, control.Bye):
-                return f"node left: {message.reason or 'bye'}"
-            elif isinstance(message, control.Hello):
-                raise InvalidArgument("hello sent twice")
+            try:
+                left = await self._message(connection, data)
+            except Refusal as refusal:
+                if refusal.close_code is not None:
+                    raise
+                await refuse(connection.websocket, connection.node_id, refusal)  # told, and kept
+                continue
+            except syn1.FrameError as error:
+                raise Refusal("frame", f"malformed message: {error}") from None
+            except InvalidArgument as error:
+                raise Refusal("control", f"malformed message: {error}") from None
+            if left is not None:
+                return left
         return "connection closed"
 
+    async def _message(self, connection: NodeConnection, data: str | bytes) -> str | None:
+        """Act on one message; the reason the node left when it did."""
+        if isinstance(data, bytes):
+            connection.on_binary(data)
+            return None
+        message = control.parse_node_message(data)
+        if isinstance(message, control.Ready):
+            _check_assigned(connection.record, message)
+            if connection.record.state != "ready":
+                await self.hub.update(connection, state="ready", layers=message.layers, shard_id=message.shard_id)
+                log.info("node_ready", extra={"node": connection.node_id, "layers": list(message.layers)})
+        elif isinstance(message, control.Progress):
+            _check_assigned(connection.record, message)
+            log.debug("node_progress", extra={"node": connection.node_id, "done": message.done_bytes})
+        elif isinstance(message, control.StepFailed):
+            connection.on_step_failed(message.message)
+        elif isinstance(message, control.Error):
+            log.warning("node_error", extra={"node": connection.node_id, "error": message.message})
+            if message.fatal:
+                return f"node reported a fatal error: {message.message}"
+        elif isinstance(message, control.Bye):
+            return f"node left: {message.reason or 'bye'}"
+        elif isinstance(message, control.Hello):
+            raise InvalidArgument("hello sent twice")
+        return None
 
-async def _refuse(websocket: ServerConnection, why: str) -> None:
+
+def _check_assigned(record: NodeRecord, message: control.Ready | control.Progress) -> None:
+    """A node reports only on the shard it was assigned: a `ready` for anything else would put layers in
+    the plan that the router never placed there (refused, the record unchanged; the node stays)."""
+    assigned = record.state in ("loading", "ready") and record.shard_id == message.shard_id
+    if isinstance(message, control.Ready):
+        assigned = assigned and record.layers == message.layers
+    if assigned:
+        return
+    what = f"layers {list(message.layers)} of " if isinstance(message, control.Ready) else ""
+    holding = (
+        f"{record.shard_id!r} layers {list(record.layers)} ({record.state})" if record.layers is not None else "nothing"
+    )
+    raise Refusal(
+        "unasked_state",
+        f"{message.kind} for {what}shard {message.shard_id!r} refused: this gateway assigned this node {holding}",
+        close_code=None,
+    )
+
+
+def client_address(websocket: ServerConnection) -> str:
+    """The peer's IP address (a proxy's, behind one)."""
+    remote = websocket.remote_address
+    return str(remote[0]) if remote else "unknown"
+
+
+async def refuse(websocket: ServerConnection, node_id: str | None, refusal: Refusal) -> None:
+    """The one place a refusal happens: logged, counted by reason, told to the node, and (usually) closed."""
+    _record(websocket, node_id, refusal)
+    message = control.GatewayError(message=refusal.message[:4000], fatal=refusal.close_code is not None)
     try:
-        await websocket.send(control.dump(control.GatewayError(message=why[:4000], fatal=True)))
-        await websocket.close(CLOSE_POLICY, why[:120])
+        await websocket.send(control.dump(message))
+        if refusal.close_code is not None:
+            await websocket.close(refusal.close_code, close_reason(refusal.message))
     except ConnectionClosed:
         pass
+
+
+def _report_closed(websocket: ServerConnection, node_id: str | None, closed: ConnectionClosed) -> None:
+    """websockets itself refused an oversized message (and closed with 1009): count it like any refusal."""
+    if closed.sent is not None and closed.sent.code == CLOSE_TOO_BIG:
+        reason = f"{closed.sent.reason} (SYNAPSE_GATEWAY_MAX_FRAME_BYTES)"
+        _record(websocket, node_id, Refusal("too_big", reason, CLOSE_TOO_BIG))
+    elif node_id is None:
+        log.debug("connection_closed_before_hello", extra={"address": client_address(websocket)})
+
+
+def _record(websocket: ServerConnection, node_id: str | None, refusal: Refusal) -> None:
+    metrics.REJECTED.labels(refusal.reason).inc()
+    log.warning(
+        "node_message_rejected",
+        extra={
+            "node": node_id or "-",
+            "address": client_address(websocket),
+            "reason": refusal.reason,
+            "error": refusal.message[:500],
+        },
+    )
+
+
+def close_reason(text: str) -> str:
+    """At most 123 bytes of UTF-8, as a close frame allows (the text may quote a node's own input)."""
+    return text.encode("utf-8")[:123].decode("utf-8", "ignore")

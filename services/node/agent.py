@@ -47,7 +47,9 @@ class NodeAgent:
         self.store = ShardStore(settings.cache_dir, ssl_context(settings))
         # One compute thread: steps run in order; torch uses its own intra-op threads inside.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
-        self.steps = StepLoop(self.executor, settings.max_batch)
+        self.steps = StepLoop(
+            self.executor, settings.max_batch, wrong_numbers=settings.fault_injection == "wrong_numbers"
+        )
         self.loaded_sha256 = ""
         self.connected = asyncio.Event()
         self._loads: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
@@ -64,6 +66,7 @@ class NodeAgent:
             device=str(self.device),
             memory_bytes=self.memory_bytes,
             speed=self.speed,
+            join_token=self.settings.join_token,
         )
 
     async def run_forever(self) -> None:
@@ -106,6 +109,9 @@ class NodeAgent:
             log.warning("gateway_error", extra={"error": message.message})
 
     async def _load(self, websocket: ClientConnection, assign: control.Assign) -> None:
+        if self.settings.fault_injection == "never_ready":
+            log.warning("fault_injection_never_ready", extra={"shard": assign.shard_id})
+            return
         try:
             if assign.sha256 != self.loaded_sha256:
                 await self.steps.swap(await self._load_worker(websocket, assign))
@@ -131,15 +137,22 @@ class NodeAgent:
             await websocket.send(control.dump(message))
 
         manifest, folder = await self.store.fetch(assign.manifest_url, assign.shard_url, assign.sha256, progress)
-        stage = await asyncio.get_running_loop().run_in_executor(self.executor, self._build_stage, manifest, folder)
-        return StageWorker(
-            stage, top_k=assign.top_k, activation_dtype=assign.activation_dtype, max_batch=self.settings.max_batch
-        )
+        # On the compute thread: the worker allocates its KV pool and captures its CUDA graphs.
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self._build, assign, manifest, folder)
 
-    def _build_stage(self, manifest: ShardManifest, folder: Path) -> GPT2Stage:
+    def _build(self, assign: control.Assign, manifest: ShardManifest, folder: Path) -> StageWorker:
         tensors = read_shard(manifest, folder)
-        return GPT2Stage.from_tensors(
+        stage = GPT2Stage.from_tensors(
             manifest.config, manifest.layer_start, manifest.layer_end, tensors, dtype=self.dtype, device=self.device
+        )
+        slots = kv_slots(stage, self.memory_bytes, self.settings.kv_slots or 2 * self.settings.max_batch)
+        log.info("kv_pool", extra={"slots": slots, "shard": assign.shard_id})
+        return StageWorker(
+            stage,
+            top_k=assign.top_k,
+            activation_dtype=assign.activation_dtype,
+            max_batch=self.settings.max_batch,
+            kv_slots=slots,
         )
 
     async def _sweep_idle(self) -> None:
@@ -149,3 +162,12 @@ class NodeAgent:
                 freed = self.worker.release_idle(self.settings.idle_timeout_s)
                 if freed:
                     log.info("caches_expired", extra={"requests": freed})
+
+
+def kv_slots(stage: GPT2Stage, memory_bytes: int, wanted: int) -> int:
+    """KV cache slots (one per concurrent request) that fit the node's memory budget beside the weights,
+    at most `wanted` and at least one. A slot holds every position of every layer of the stage."""
+    config = stage.config
+    weights = sum(parameter.nbytes for parameter in stage.parameters())
+    per_slot = len(stage.h) * config.n_positions * 2 * config.n_embd * next(stage.parameters()).element_size()
+    return max(1, min(wanted, (memory_bytes - weights) // max(per_slot, 1)))

@@ -30,6 +30,17 @@ class NodeSettings(ProcessSettings):
     threads: int | None = Field(None, gt=0, description="torch intra-op threads on CPU; default torch's choice.")
     idle_timeout_s: float = Field(300.0, gt=0, description="Free a request's KV cache after this long without a step.")
     max_batch: int = Field(64, gt=0, description="Most requests computed in one forward pass.")
+    kv_slots: int | None = Field(
+        None, gt=0, description="KV cache slots (concurrent requests) per stage; default 2 x max_batch, fit to memory."
+    )
     reconnect_min_s: float = Field(0.5, gt=0, description="First reconnect delay; doubles up to reconnect_max_s.")
     reconnect_max_s: float = Field(15.0, gt=0, description="Longest reconnect delay.")
+    fault_injection: Literal["none", "wrong_numbers", "never_ready"] = Field(
+        "none",
+        description="TEST ONLY, off by default: wrong_numbers shifts every answer a little (what verification must "
+        "catch); never_ready accepts assignments and never loads them (what the load deadline must catch).",
+    )
     tls_ca: Path | None = Field(None, description="CA/self-signed certificate to trust for wss:// gateways.")
+    join_token: str = Field(
+        "", max_length=512, description="Join token shown at hello (`synapse token` issues one); empty = none."
+    )

@@ -38,9 +38,10 @@ class Swap:
 class StepLoop:
     """Steps of one gateway session in, replies out, FIFO. The worker (the loaded stage) outlives sessions."""
 
-    def __init__(self, executor: ThreadPoolExecutor, max_batch: int) -> None:
+    def __init__(self, executor: ThreadPoolExecutor, max_batch: int, wrong_numbers: bool = False) -> None:
         self.executor = executor
         self.max_batch = max_batch
+        self.wrong_numbers = wrong_numbers  # test-only fault injection (SYNAPSE_NODE_FAULT_INJECTION)
         self.worker: StageWorker | None = None
         self._queue: asyncio.Queue[Arrival | Swap] = asyncio.Queue()
 
@@ -112,6 +113,8 @@ class StepLoop:
         if self.worker is None:
             raise SynapseError("step received before any shard was loaded")
         outputs = self.worker.run(frames)
+        if self.wrong_numbers:
+            outputs = [subtly_wrong(frame) for frame in outputs]
         computed_at = time.perf_counter()
         replies, offset, encode_s = [], 0, 0.0
         for (_, arrived), message_frames in zip(batch, decoded, strict=True):
@@ -122,6 +125,18 @@ class StepLoop:
             stats = (computed_at - decoded_at, started - arrived, (decoded_at - started) + encode_s)
             replies.append(stats_frame(*stats) + body)
         return replies
+
+
+def subtly_wrong(frame: syn1.Frame) -> syn1.Frame:
+    """TEST ONLY: the same answer, each value moved by 5% of its row's largest magnitude; shapes, ids and
+    finiteness stay right, so only recomputing the step elsewhere can tell."""
+    values = frame.to_float32()
+    shifted = values + 0.05 * np.abs(values).max(axis=1, keepdims=True)
+    if frame.msg_type is syn1.MessageType.ACTIVATION:
+        return syn1.Frame.activation(frame.request_id, frame.position, shifted, predicted=frame.predicted)
+    if frame.msg_type is syn1.MessageType.OUTPUT:
+        return syn1.Frame.output(frame.request_id, frame.position, shifted * 1.05, frame.token_ids)
+    return syn1.Frame.logits(frame.request_id, frame.position, shifted)
 
 
 def stats_frame(compute_s: float, queue_s: float, serialize_s: float) -> bytes:

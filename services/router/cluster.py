@@ -18,6 +18,7 @@ from services.common.pb import common_pb2, sharder_pb2, sharder_pb2_grpc
 from services.common.server import channel
 from services.router import metrics
 from services.router.gateways import GatewayFollower
+from services.router.planner import LoadWatch, capped, replica_groups
 from services.router.settings import RouterSettings
 from services.router.topology import Pipeline, build_pipelines, describe_missing
 from services.wire.control import Assign
@@ -44,6 +45,7 @@ class Cluster:
             static, settings.redis_url, settings.discovery_period_s, self._apply, self._forget_gateway
         )
         self._presumed_gone: set[str] = set()  # gone by the router's guess, not by a gateway's word
+        self.loads = LoadWatch(settings.load_deadline_s, settings.load_exclude_s)
         self._tasks: list[asyncio.Task[None]] = []
         self._membership_changed = asyncio.Event()
         self._planned_members: frozenset[str] = frozenset()
@@ -59,7 +61,7 @@ class Cluster:
             )
         self.model_id, self.config = chosen[0].model_id, model_config_from_pb(chosen[0].config)
         self.gateways.start()
-        self._tasks = [asyncio.create_task(self._replan_loop())]
+        self._tasks = [asyncio.create_task(self._replan_loop()), asyncio.create_task(self._watch_loads())]
         log.info("cluster_started", extra={"model": self.model_id, "n_layer": self.config.n_layer})
 
     async def close(self) -> None:
@@ -95,7 +97,8 @@ class Cluster:
             return
         self._presumed_gone.discard(view.node_id)
         self.nodes[view.node_id] = view
-        live = frozenset(node_id for node_id, node in self.nodes.items() if node.state != "gone")
+        self.loads.seen(view)
+        live = frozenset(node.node_id for node in self.loads.eligible(list(self.nodes.values())))
         if live != self._planned_members:
             self._membership_changed.set()
         await self._rebuild()
@@ -137,48 +140,83 @@ class Cluster:
                 await asyncio.sleep(1.0)
                 self._membership_changed.set()
 
+    async def _watch_loads(self) -> None:
+        """Nodes that take longer than the load deadline are planned around (the next plan leaves them out)."""
+        while True:
+            await asyncio.sleep(min(1.0, self.settings.load_deadline_s / 4))
+            for node_id in self.loads.overdue(list(self.nodes.values())):
+                metrics.LOAD_TIMEOUTS.inc()
+                deadline, exclude = self.settings.load_deadline_s, self.settings.load_exclude_s
+                log.warning("node_load_timeout", extra={"node": node_id, "deadline_s": deadline, "excluded_s": exclude})
+                self._membership_changed.set()
+            if self.loads.expired():  # excluded nodes may take layers again
+                self._membership_changed.set()
+
     async def _replan(self) -> None:
-        live = sorted((n for n in self.nodes.values() if n.state != "gone"), key=lambda n: n.node_id)
+        live = sorted(self.loads.eligible(list(self.nodes.values())), key=lambda n: n.node_id)
         self._planned_members = frozenset(node.node_id for node in live)
         if not live:
             return
+        groups = replica_groups(capped(live), self.settings.replicas)
         request = sharder_pb2.PlanRequest(
             model_id=self.model_id,
             nodes=[
-                common_pb2.NodeCapacity(node_id=n.node_id, memory_bytes=n.memory_bytes, speed=n.speed) for n in live
+                common_pb2.NodeCapacity(node_id=n.node_id, memory_bytes=n.memory_bytes, speed=n.speed)
+                for n in groups[0]
             ],
         )
         plan = await self._sharder.Plan(request, timeout=self.settings.call_timeout_s * 6)
         metrics.REPLANS.inc()
+        assignments = [(self.nodes[a.node_id], a) for a in plan.assignments]
+        for group in groups[1:]:  # the same ranges on each further group, fastest node to first stage
+            if len(group) >= len(plan.assignments):
+                assignments += list(zip(group, plan.assignments, strict=False))
         log.info(
             "plan_made",
             extra={
                 "nodes": len(live),
-                "stages": [f"{a.node_id}:[{a.layers.start},{a.layers.end})" for a in plan.assignments],
+                "stages": [f"{node.node_id}:[{a.layers.start},{a.layers.end})" for node, a in assignments],
             },
         )
-        by_id = {node.node_id: node for node in live}
-        for assignment in plan.assignments:
-            node = by_id[assignment.node_id]
-            if (
-                node.layers == (assignment.layers.start, assignment.layers.end)
-                and node.shard_id == assignment.shard_id
-                and node.state in ("ready", "loading")
-            ):
-                continue  # already holds it
-            assign = Assign(
-                shard_id=assignment.shard_id,
-                layers=(assignment.layers.start, assignment.layers.end),
-                shard_url=assignment.shard_url,
-                manifest_url=assignment.manifest_url,
-                sha256=assignment.sha256,
-                size_bytes=assignment.size_bytes,
-                top_k=self.settings.top_k,
-                activation_dtype=self.settings.activation_dtype,
-            )
-            await self.gateways.stub(node.gateway_address).AssignShard(
-                assign_to_pb(node.node_id, assign), timeout=self.settings.call_timeout_s
-            )
+        for node, assignment in assignments:
+            await self._assign(node, assignment)
+
+    async def _assign(self, node: NodeRecord, assignment: sharder_pb2.Assignment) -> None:
+        if (
+            node.layers == (assignment.layers.start, assignment.layers.end)
+            and node.shard_id == assignment.shard_id
+            and node.state in ("ready", "loading")
+        ):
+            return  # already holds it
+        assign = Assign(
+            shard_id=assignment.shard_id,
+            layers=(assignment.layers.start, assignment.layers.end),
+            shard_url=assignment.shard_url,
+            manifest_url=assignment.manifest_url,
+            sha256=assignment.sha256,
+            size_bytes=assignment.size_bytes,
+            top_k=self.settings.top_k,
+            activation_dtype=self.settings.activation_dtype,
+        )
+        await self.gateways.stub(node.gateway_address).AssignShard(
+            assign_to_pb(node.node_id, assign, self.config), timeout=self.settings.call_timeout_s
+        )
+        self.loads.assigned(node.node_id, assignment.shard_id)
+
+    def verifiers(self, pipeline: Pipeline, most: int = 2) -> list[tuple[str, ...]]:
+        """For each stage of the pipeline: up to `most` other ready nodes on the same gateway holding the same
+        layers (replicas in other pipelines, or standby), fastest first."""
+        used = set(pipeline.node_ids)
+        result = []
+        for stage in pipeline.stages:
+            same = [
+                n
+                for n in self.nodes.values()
+                if n.state == "ready" and n.layers == stage.layers and n.gateway_address == stage.gateway_address
+            ]
+            ranked = sorted((n for n in same if n.node_id not in used), key=lambda n: (-n.speed, n.node_id))
+            result.append(tuple(n.node_id for n in ranked[:most]))
+        return result
 
     async def wait_for_pipeline(self, timeout_s: float) -> list[Pipeline]:
         """The current pipelines; waits up to timeout_s for one; none -> UNAVAILABLE saying what is missing."""

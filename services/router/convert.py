@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 
 from services.common.pb import common_pb2, router_pb2
-from services.router.requests import GenerateParams, Generation, TokenEvent
+from services.router.params import GenerateParams
+from services.router.requests import Generation, TokenEvent
 from services.sampler.convert import params_from_pb
 
 _FINISH = {

@@ -14,7 +14,7 @@ from typing import Any
 from services.common.errors import DeadlineExceeded, Internal, SynapseError, Unavailable
 from services.router import metrics
 from services.router.cluster import Cluster
-from services.router.requests import Generation, TokenEvent, candidates_of
+from services.router.requests import Generation, TokenEvent, rows_of
 from services.router.settings import RouterSettings
 from services.router.topology import Pipeline
 from services.wire import syn1
@@ -81,8 +81,15 @@ class Scheduler:
 
     def __init__(self, engine: Engine, pipeline: Pipeline) -> None:
         self.engine, self.pipeline = engine, pipeline
-        self.route = pipeline.route
+        self.route = pipeline.route()
+        # Verified requests go with a route naming, per stage, the replicas that recompute them; fixed for the
+        # scheduler's life, so a verifier sees a request from its first step (its cache must hold it all).
+        verifiers = engine.cluster.verifiers(pipeline) if engine.settings.verify_fraction else []
+        self.verified_route = pipeline.route(verifiers) if any(verifiers) else self.route
+        self.verifier_ids = sorted({node for stage in verifiers for node in stage})
         self.gateway = engine.gateways.get(pipeline.stages[0].gateway_address)
+        # Drafts need every stage to answer every row of a PREDICTED frame: native nodes do (web nodes not yet).
+        self.draft_tokens = engine.settings.speculate_tokens if pipeline.all_native else 0
         self.requests: list[Generation] = []
         self._wake = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
@@ -102,7 +109,8 @@ class Scheduler:
     async def finish(self, generation: Generation) -> None:
         if generation in self.requests:
             self.requests.remove(generation)
-            await self.gateway.release([generation.wire_id], self.pipeline.node_ids)
+            nodes = self.pipeline.node_ids + (self.verifier_ids if generation.verified else [])
+            await self.gateway.release([generation.wire_id], nodes)
 
     async def _loop(self) -> None:
         stages = len(self.pipeline.stages)
@@ -141,7 +149,7 @@ class Scheduler:
             batch = await self._drop_expired(batch)
             if not batch:
                 return
-            step = Step(self.route, tokens=tuple(TokenInput(g.wire_id, g.position, g.pending) for g in batch))
+            step = self._build(batch)
             started = time.perf_counter()
             try:
                 result = await self.gateway.step(step, self.engine.settings.step_timeout_s)
@@ -153,6 +161,18 @@ class Scheduler:
             log.exception("step_crashed", extra={"requests": len(batch)})
             for generation in batch:
                 await self._fail(generation, error if isinstance(error, SynapseError) else Internal(repr(error)))
+
+    def _build(self, batch: list[Generation]) -> Step:
+        """The step's input: each request's pending tokens, with a draft appended to decode steps."""
+        if self.draft_tokens:
+            n_positions = self.engine.cluster.config.n_positions
+            for generation in batch:
+                generation.propose(self.draft_tokens, n_positions)
+                metrics.SPEC_DRAFTED.inc(len(generation.draft))
+        chunk = self.engine.settings.prefill_chunk
+        items = (TokenInput(g.wire_id, g.position, g.next_input(chunk), predicted=bool(g.draft)) for g in batch)
+        verify = frozenset(g.wire_id for g in batch if g.verified) if self.verifier_ids else frozenset()
+        return Step(self.verified_route if verify else self.route, tokens=tuple(items), verify=verify)
 
     async def _drop_expired(self, batch: list[Generation]) -> list[Generation]:
         now = time.monotonic()
@@ -181,16 +201,22 @@ class Scheduler:
             if frame is None:
                 await self._fail(generation, Unavailable("the last stage returned no output for this request"))
                 continue
-            if generation.position == 0 and not generation.generated:
-                metrics.TOKENS.labels("prompt").inc(len(generation.pending))
+            if not generation.generated and generation.failovers == 0:
+                metrics.TOKENS.labels("prompt").inc(generation.sent)
+            drafted = len(generation.draft)
             try:
-                event = generation.accept(candidates_of(frame), compute_ms)
+                events = generation.accept(rows_of(frame), compute_ms)
             except SynapseError as error:  # e.g. the sampler refusing what came back: this request only
                 log.warning("sample_failed", extra={"request_id": generation.request_id, "error": str(error)})
                 await self._fail(generation, error)
                 continue
-            metrics.TOKENS.labels("generated").inc()
-            self._emit(generation, event)
+            if drafted:
+                metrics.SPEC_ACCEPTED.inc(len(events) - 1)
+            if not events:
+                continue  # a chunk of a long prompt: no token yet
+            metrics.TOKENS.labels("generated").inc(len(events))
+            for event in events:
+                self._emit(generation, event)
             if generation.done:
                 await self.finish(generation)
 

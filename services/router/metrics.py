@@ -38,3 +38,12 @@ BATCH_SIZE = Histogram(
 FAILOVERS = Counter("synapse_router_failovers_total", "Requests replayed onto another pipeline after a node failed.")
 REPLANS = Counter("synapse_router_replans_total", "Plans asked of the sharder.")
 PIPELINES = Gauge("synapse_router_pipelines", "Complete pipelines available.")
+SPEC_DRAFTED = Counter(
+    "synapse_router_spec_draft_tokens_total", "Speculative draft tokens sent (prompt lookup), summed over steps."
+)
+SPEC_ACCEPTED = Counter(
+    "synapse_router_spec_accepted_tokens_total", "Draft tokens the pipeline's answer confirmed (kept as output)."
+)
+LOAD_TIMEOUTS = Counter(
+    "synapse_router_load_timeouts_total", "Nodes planned around because they did not finish loading in time."
+)

@@ -4,83 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from services.common.errors import InvalidArgument
-from services.common.gpt2.config import GPT2Config
-from services.sampler.sampling import Candidates, RequestSampler, SampleResult, SamplingParams
+from services.router.speculation import NgramIndex
+from services.sampler.sampling import Candidates, LogitsInput, RequestSampler, SampleResult
 from services.tokenizer.tokenization import IncrementalDecoder
 from services.wire import syn1
 
 FINISH_LENGTH, FINISH_EOS, FINISH_STOP = "length", "eos", "stop"
-MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
-
-
-@dataclass(frozen=True)
-class GenerateParams:
-    """What a caller asked for, before tokenizing. Exactly one of prompt and prompt_ids is set."""
-
-    request_id: str
-    prompt: str | None
-    prompt_ids: list[int] | None
-    max_tokens: int  # 0 = the server's default
-    stop: tuple[str, ...]
-    ignore_eos: bool
-    sampling: SamplingParams
-
-    def validate(self, limits: Limits) -> None:
-        """Raises InvalidArgument naming the first field out of range and its limit."""
-        if self.max_tokens > limits.max_tokens:
-            raise InvalidArgument(f"max_tokens {self.max_tokens} is above the limit {limits.max_tokens}")
-        if self.prompt is not None and len(self.prompt) > limits.max_prompt_chars:
-            raise InvalidArgument(
-                f"prompt has {len(self.prompt)} characters; the limit is {limits.max_prompt_chars} "
-                "(SYNAPSE_ROUTER_MAX_PROMPT_CHARS)"
-            )
-        if len(self.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in self.stop):
-            raise InvalidArgument(f"stop: at most {MAX_STOP_STRINGS} non-empty strings of <= {MAX_STOP_CHARS} chars")
-        self.sampling.validate()
-        self._check_candidates(limits.candidates)
-
-    def _check_candidates(self, candidates: int) -> None:
-        """The last stage returns `candidates` top logits per token (0 = all): what sampling may ask of them."""
-        if not candidates:
-            return
-        sampling = self.sampling
-        if not sampling.greedy and sampling.top_k > candidates:
-            raise InvalidArgument(
-                f"sampling.top_k {sampling.top_k} exceeds the {candidates} candidates the last stage returns "
-                f"(SYNAPSE_ROUTER_TOP_K); ask for top_k <= {candidates}"
-            )
-        if sampling.top_logprobs > candidates:
-            raise InvalidArgument(
-                f"sampling.top_logprobs {sampling.top_logprobs} exceeds the {candidates} candidates the last "
-                f"stage returns (SYNAPSE_ROUTER_TOP_K); ask for at most {candidates}"
-            )
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What the router accepts: its settings, as the validation of a request needs them."""
-
-    max_tokens: int  # SYNAPSE_ROUTER_MAX_TOKENS_LIMIT
-    max_prompt_chars: int  # SYNAPSE_ROUTER_MAX_PROMPT_CHARS
-    candidates: int  # SYNAPSE_ROUTER_TOP_K: top logits per token from the last stage, 0 = all
-
-
-def check_prompt(prompt_ids: list[int], max_tokens: int, config: GPT2Config) -> None:
-    """The tokenized prompt fits the model: ids inside the vocabulary, prompt + output inside the context."""
-    if not prompt_ids:
-        raise InvalidArgument("the prompt is empty: send prompt text or prompt_token_ids")
-    if any(token >= config.vocab_size for token in prompt_ids):
-        raise InvalidArgument(f"prompt_token_ids must be < vocab_size {config.vocab_size}")
-    if len(prompt_ids) + max_tokens > config.n_positions:
-        raise InvalidArgument(
-            f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
-            f"model's context of {config.n_positions} tokens; shorten one"
-        )
 
 
 @dataclass
@@ -118,6 +52,10 @@ class Generation:
     finish_reason: str | None = None
     failovers: int = 0
     in_flight: bool = False
+    draft: list[int] = field(default_factory=list)  # the tail of `pending` that is a speculative draft
+    sent: int = 0  # tokens of `pending` the step in flight carries (a long prompt goes in chunks)
+    verified: bool = False  # every stage of every step is recomputed on replicas and compared
+    ngrams: NgramIndex | None = None  # prompt + generated, for drafts; None = no speculation
     _held_text: str = ""  # text withheld because it may be the start of a stop string
 
     def __post_init__(self) -> None:
@@ -132,19 +70,56 @@ class Generation:
         """The pipeline lost this request's caches: replay every token so far from position 0."""
         self.position = 0
         self.pending = self.prompt_ids + self.generated
+        self.draft = []
         self.failovers += 1
         self.in_flight = False  # a step still running on the old pipeline is ignored when it returns
 
-    def accept(self, candidates: Candidates, compute_ms: float) -> TokenEvent:
-        """The last stage's output for the newest position -> the next token, its text, maybe the finish."""
-        result: SampleResult = self.sampler.sample(candidates)
+    def propose(self, max_draft: int, n_positions: int) -> None:
+        """Before a decode step: append a prompt-lookup draft to the one pending token, if one is found.
+
+        The draft never runs past the model's context or the request's max_tokens."""
+        if self.ngrams is None or len(self.pending) != 1 or self.position == 0:
+            return
+        room = min(max_draft, n_positions - self.position - 1, self.max_tokens - len(self.generated) - 1)
+        self.draft = self.ngrams.draft(room)
+        self.pending = self.pending[:1] + self.draft
+
+    def next_input(self, prefill_chunk: int) -> list[int]:
+        """The tokens the next step carries: every pending one, or the next chunk of a long prompt (so a
+        prefill never holds the pipeline's other requests up for long)."""
+        self.sent = min(len(self.pending), prefill_chunk) if not self.draft else len(self.pending)
+        return self.pending[: self.sent]
+
+    def accept(self, rows: Sequence[LogitsInput], compute_ms: float) -> list[TokenEvent]:
+        """The last stage's answer for the step: rows[i] is the next-token distribution after the i-th of the
+        last len(rows) pending tokens (one row, or 1 + the draft's length). Tokens are sampled row by row and
+        kept while they match the draft, so the result is exactly one-token-per-step decoding's. A step that
+        carried a chunk of a longer prompt only moves the position on."""
+        if self.sent < len(self.pending):
+            self.position += self.sent
+            self.pending = self.pending[self.sent :]
+            return []
+        draft = self.draft
+        events: list[TokenEvent] = []
+        for index, row in enumerate(rows[: len(draft) + 1]):
+            events.append(self._take(row, compute_ms if index == 0 else 0.0))
+            if self.done or index == len(draft) or events[-1].token_id != draft[index]:
+                break
+        # The caches now hold every pending token; the valid ones end with the last draft token kept.
+        self.position += len(self.pending) - len(draft) + len(events) - 1
+        self.pending, self.draft = [self.generated[-1]], []
+        return events
+
+    def _take(self, row: LogitsInput, compute_ms: float) -> TokenEvent:
+        """Sample one token from one row; its text delta and, maybe, the finish."""
+        result: SampleResult = self.sampler.sample(row)
         now = time.perf_counter()
         step_ms, self.last_token_at = (now - self.last_token_at) * 1e3, now
         self.first_token_at = self.first_token_at or now
-        self.position += len(self.pending)
         token = result.token_id
         self.generated.append(token)
-        self.pending = [token]
+        if self.ngrams is not None:
+            self.ngrams.append(token)
         event = TokenEvent(token, "", result.logprob, result.top_logprobs, step_ms, compute_ms)
         if token == self.eos_id and not self.ignore_eos:
             event.token_id, event.finish_reason = token, FINISH_EOS
@@ -184,8 +159,9 @@ def _overlap(text: str, stop: str) -> int:
     return 0
 
 
-def candidates_of(frame: syn1.Frame) -> Candidates | np.ndarray:
-    """The last stage's answer for a request's newest position: top-K candidates, or full logits (K = 0)."""
+def rows_of(frame: syn1.Frame) -> list[LogitsInput]:
+    """The last stage's answer for a request, row by row: top-K candidates, or full logits (K = 0)."""
+    values = np.asarray(frame.array, dtype=np.float32)
     if frame.token_ids is None:
-        return np.asarray(frame.array[-1], dtype=np.float32)
-    return Candidates(np.asarray(frame.array[-1], dtype=np.float32), np.asarray(frame.token_ids[-1]))
+        return list(values)
+    return [Candidates(row, ids) for row, ids in zip(values, np.asarray(frame.token_ids), strict=True)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,9 +18,11 @@ from services.common.server import channel, request_metadata, upstream
 from services.router import convert, metrics
 from services.router.cluster import Cluster
 from services.router.engine import Engine
+from services.router.params import GenerateParams, Limits, check_prompt
 from services.router.quota import StreamQuota, client_of
-from services.router.requests import GenerateParams, Generation, Limits, check_prompt
+from services.router.requests import Generation
 from services.router.settings import RouterSettings
+from services.router.speculation import NgramIndex
 from services.router.topology import missing_ranges
 from services.sampler.seeding import SteppedSampler
 from services.tokenizer.tokenization import Tokenizer
@@ -31,6 +34,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self._tokenizer_service = tokenizer_pb2_grpc.TokenizerServiceStub(channel(settings.tokenizer_address))
         self.limits = Limits(settings.max_tokens_limit, settings.max_prompt_chars, settings.top_k)
         self.streams = StreamQuota(settings.max_streams_per_client)
+        self._draw = random.Random()  # which requests are verified
 
     async def Generate(
         self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -85,6 +89,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             sampler=SteppedSampler(params.sampling, prompt_ids),
             decoder=self.tokenizer.incremental_decoder(),
             deadline=time.monotonic() + time_remaining if time_remaining is not None else None,
+            ngrams=NgramIndex(prompt_ids, self.settings.speculate_ngram) if self.settings.speculate_tokens else None,
+            verified=self._draw.random() < self.settings.verify_fraction,
         )
 
     async def _encode(self, prompt: str) -> list[int]:

@@ -42,6 +42,20 @@ class RouterSettings(ServiceSettings):
         "float16", description="Wire dtype of activations between stages."
     )
     max_batch: int = Field(32, gt=0, description="Most requests in one pipeline step.")
+    prefill_chunk: int = Field(
+        256,
+        gt=0,
+        description="Most prompt tokens of one request per step: long prompts go in chunks, so decodes "
+        "of other requests are not held up for long.",
+    )
+    speculate_tokens: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="Speculative decoding: most prompt-lookup draft tokens checked per decode step (0 = off); "
+        "output is unchanged, a round trip yields up to 1 + this many tokens (native-node pipelines).",
+    )
+    speculate_ngram: int = Field(3, ge=1, le=8, description="Longest n-gram prompt lookup matches drafts by.")
     micro_batches: int = Field(
         0, ge=0, description="Micro-batches the active requests are split into (0 = one per stage, so stages overlap)."
     )
@@ -53,6 +67,24 @@ class RouterSettings(ServiceSettings):
     )
     max_failovers: int = Field(
         16, ge=0, description="Most replays of one request before it ends UNAVAILABLE (each waits longer)."
+    )
+    load_deadline_s: float = Field(
+        120.0, gt=0, description="A node that has not loaded its assigned shard by then is planned around."
+    )
+    load_exclude_s: float = Field(300.0, gt=0, description="How long such a node is left out of plans.")
+    replicas: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="Pipelines to plan over disjoint groups of nodes, each with the same layer "
+        "ranges (more throughput, and verifiers for each other).",
+    )
+    verify_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of requests whose every stage is recomputed on a replica holding the "
+        "same layers and compared; a node outvoted is quarantined (needs replicas >= 2, best 3).",
     )
     replan_settle_s: float = Field(
         1.0, ge=0, description="Membership must be unchanged this long before a re-plan (no storms on churn)."

@@ -22,9 +22,16 @@ class Pipeline:
         return [stage.node_id for stage in self.stages]
 
     @property
-    def route(self) -> tuple[Stage, ...]:
-        """The route a step over this pipeline follows."""
-        return tuple(Stage(node.node_id, node.layers or (0, 0), node.gateway_address) for node in self.stages)
+    def all_native(self) -> bool:
+        return all(stage.kind == "native" for stage in self.stages)
+
+    def route(self, verifiers: list[tuple[str, ...]] | None = None) -> tuple[Stage, ...]:
+        """The route a step over this pipeline follows, each stage with its verifiers if given."""
+        checks = verifiers or [()] * len(self.stages)
+        return tuple(
+            Stage(node.node_id, node.layers or (0, 0), node.gateway_address, tuple(check))
+            for node, check in zip(self.stages, checks, strict=True)
+        )
 
 
 def build_pipelines(nodes: list[NodeRecord], n_layer: int) -> list[Pipeline]:

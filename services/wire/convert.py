@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from services.common.errors import InvalidArgument
+from services.common.gpt2.config import GPT2Config
+from services.common.model_config_pb import model_config_from_pb, model_config_to_pb
 from services.common.pb import common_pb2, gateway_pb2
 from services.wire.control import ActivationDType, Assign
 from services.wire.steps import Hop, Stage, Step, StepFailed, StepResult, TokenInput
@@ -21,6 +23,7 @@ def route_to_pb(route: tuple[Stage, ...]) -> list[gateway_pb2.Stage]:
             node_id=stage.node_id,
             layers=common_pb2.LayerRange(start=stage.layers[0], end=stage.layers[1]),
             gateway_address=stage.gateway_address,
+            verifiers=stage.verifiers,
         )
         for stage in route
     ]
@@ -28,10 +31,16 @@ def route_to_pb(route: tuple[Stage, ...]) -> list[gateway_pb2.Stage]:
 
 def step_to_pb(step: Step, step_id: int, route: list[gateway_pb2.Stage] | None = None) -> gateway_pb2.StepRequest:
     """`route` may be given already converted: a pipeline's route is the same for every step."""
-    request = gateway_pb2.StepRequest(step_id=step_id, route=route if route is not None else route_to_pb(step.route))
+    request = gateway_pb2.StepRequest(
+        step_id=step_id,
+        route=route if route is not None else route_to_pb(step.route),
+        verify_request_ids=sorted(step.verify),
+    )
     if step.tokens:
         for item in step.tokens:
-            request.items.items.add(request_id=item.request_id, position=item.position, token_ids=item.token_ids)
+            request.items.items.add(
+                request_id=item.request_id, position=item.position, token_ids=item.token_ids, predicted=item.predicted
+            )
     else:
         request.frames = step.frames
     return request
@@ -39,18 +48,22 @@ def step_to_pb(step: Step, step_id: int, route: list[gateway_pb2.Stage] | None =
 
 def step_from_pb(request: gateway_pb2.StepRequest) -> Step:
     route = tuple(
-        Stage(stage.node_id, (stage.layers.start, stage.layers.end), stage.gateway_address) for stage in request.route
+        Stage(stage.node_id, (stage.layers.start, stage.layers.end), stage.gateway_address, tuple(stage.verifiers))
+        for stage in request.route
     )
+    verify = frozenset(request.verify_request_ids)
     if not route:
         raise InvalidArgument("a step needs a route of at least one stage")
     if request.WhichOneof("input") == "items":
-        tokens = tuple(TokenInput(i.request_id, i.position, list(i.token_ids)) for i in request.items.items)
+        tokens = tuple(
+            TokenInput(i.request_id, i.position, list(i.token_ids), i.predicted) for i in request.items.items
+        )
         if not tokens:
             raise InvalidArgument("a step's items hold no request")
-        return Step(route, tokens=tokens)
+        return Step(route, tokens=tokens, verify=verify)
     if not request.frames:
         raise InvalidArgument("a step needs token items or SYN1 frames as input")
-    return Step(route, frames=request.frames)
+    return Step(route, frames=request.frames, verify=verify)
 
 
 def result_to_pb(step_id: int, result: StepResult) -> gateway_pb2.StepResponse:
@@ -96,7 +109,7 @@ def result_from_pb(response: gateway_pb2.StepResponse) -> StepResult:
     return StepResult(response.frames, hops)
 
 
-def assign_to_pb(node_id: str, assign: Assign) -> gateway_pb2.AssignShardRequest:
+def assign_to_pb(node_id: str, assign: Assign, config: GPT2Config) -> gateway_pb2.AssignShardRequest:
     return gateway_pb2.AssignShardRequest(
         node_id=node_id,
         shard_id=assign.shard_id,
@@ -107,11 +120,16 @@ def assign_to_pb(node_id: str, assign: Assign) -> gateway_pb2.AssignShardRequest
         size_bytes=assign.size_bytes,
         top_k=assign.top_k,
         activation_dtype=DTYPES[assign.activation_dtype],
+        config=model_config_to_pb(config),
     )
 
 
-def assign_from_pb(request: gateway_pb2.AssignShardRequest) -> tuple[str, Assign]:
-    """(node id, the assign message for it); an unknown activation dtype is INVALID_ARGUMENT."""
+def assign_from_pb(request: gateway_pb2.AssignShardRequest) -> tuple[str, Assign, GPT2Config]:
+    """(node id, the assign message for it, the model's shape); an unknown activation dtype or a missing
+    config is INVALID_ARGUMENT."""
+    if not request.HasField("config"):
+        raise InvalidArgument("config is required: the model's shape, which every answer of the node is checked by")
+    config = model_config_from_pb(request.config)
     dtype = DTYPE_NAMES.get(request.activation_dtype)
     if dtype is None:
         names = ", ".join(common_pb2.DType.Name(value) for value in DTYPES.values())
@@ -126,4 +144,5 @@ def assign_from_pb(request: gateway_pb2.AssignShardRequest) -> tuple[str, Assign
         top_k=request.top_k,
         activation_dtype=dtype,
     )
-    return request.node_id, assign
+    config.check_layer_range(*assign.layers)
+    return request.node_id, assign, config

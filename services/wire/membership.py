@@ -11,6 +11,8 @@ import redis.asyncio as redis
 NODES_KEY = "synapse:nodes"  # hash: node id -> NodeRecord JSON
 EVENTS_CHANNEL = "synapse:node-events"  # pub/sub: NodeRecord JSON of every change
 GATEWAY_KEY = "synapse:gateway:{}"  # gateway id -> its gRPC host:port, with a TTL
+QUARANTINE_KEY = "synapse:quarantine:{}"  # node id -> why it is kept out, with the quarantine as TTL
+OFFENSES_KEY = "synapse:offenses:{}"  # node id -> offenses in the last day (the quarantine doubles with each)
 _GATEWAY_PATTERN = GATEWAY_KEY.format("*")
 
 

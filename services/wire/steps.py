@@ -15,6 +15,7 @@ class Stage:
     node_id: str
     layers: tuple[int, int]  # half-open [start, end)
     gateway_address: str = ""  # gRPC host:port of the node's gateway; empty = the gateway running the step
+    verifiers: tuple[str, ...] = ()  # nodes on that gateway with the same layers, recomputing verified requests
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +25,7 @@ class TokenInput:
     request_id: int  # the SYN1 request id (u32), stable for the request's life
     position: int  # sequence position of the first token (= tokens the stages' caches hold)
     token_ids: Sequence[int]
+    predicted: bool = False  # the ids after the first are a draft: the last stage answers every row
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +35,7 @@ class Step:
     route: tuple[Stage, ...]
     tokens: tuple[TokenInput, ...] = ()
     frames: bytes = b""
+    verify: frozenset[int] = frozenset()  # request ids every stage with verifiers recomputes there
 
 
 @dataclass(frozen=True, slots=True)

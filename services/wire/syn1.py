@@ -22,6 +22,9 @@ MAGIC = b"SYN1"  # the ASCII bytes in this order: a hex dump reads 53 59 4e 31
 HEADER_SIZE = 24
 ALIGNMENT = 4
 DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
+# Frames in one message: a step carries one per request in its batch. Walking 2.4 million 28-byte
+# frames (a 64 MiB message) took a minute of the gateway's event loop; 1024 take a few milliseconds.
+DEFAULT_MAX_FRAMES = 1024
 _U32_MAX = 0xFFFF_FFFF
 _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
 # magic, type u8, flags u8, dtype u8, reserved u8, position u32, request id u32, rows u32, cols u32
@@ -52,11 +55,12 @@ class Flag(IntFlag):
     QUANTIZED = 1  # set exactly when dtype is I8
     COMPRESSED = 2  # reserved: rejected until a compression scheme is specified
     DELTA = 4  # reserved
-    PREDICTED = 8  # reserved
+    PREDICTED = 8  # TOKENS/ACTIVATION: rows after the first are a speculative draft; the last stage answers each
 
 
 _KNOWN_FLAGS = 0x0F
-_RESERVED_FLAGS = (Flag.COMPRESSED, Flag.DELTA, Flag.PREDICTED)
+_RESERVED_FLAGS = (Flag.COMPRESSED, Flag.DELTA)
+_PREDICTABLE = (MessageType.TOKENS, MessageType.ACTIVATION)
 _ALLOWED_DTYPES = {
     MessageType.ACTIVATION: (DType.F32, DType.F16, DType.I8),
     MessageType.TOKENS: (DType.I32,),
@@ -158,6 +162,8 @@ def _check_header(header: Header, max_payload_bytes: int | None) -> None:
         raise FrameError(
             f"flag QUANTIZED must be set exactly when dtype is I8 (flags 0x{int(header.flags):02x}, dtype {dtype.name})"
         )
+    if header.flags & Flag.PREDICTED and msg_type not in _PREDICTABLE:
+        raise FrameError(f"flag PREDICTED is for TOKENS and ACTIVATION frames, not {msg_type.name}")
     if rows < 1 or cols < 1:
         raise FrameError(f"empty shape ({rows}, {cols}): rows and cols must both be at least 1")
     if msg_type is MessageType.TOKENS and cols != 1:
@@ -211,14 +217,28 @@ class Frame:
                 raise FrameError(f"scales shape {self.scales.shape} != (rows,) = ({self.array.shape[0]},)")
 
     @classmethod
-    def activation(cls, request_id: int, position: int, hidden: np.ndarray, scales: np.ndarray | None = None) -> Frame:
-        """Hidden states (positions, n_embd); pass int8 `hidden` with its (positions,) `scales`."""
-        return cls(MessageType.ACTIVATION, request_id, position, hidden, scales=scales)
+    def activation(
+        cls,
+        request_id: int,
+        position: int,
+        hidden: np.ndarray,
+        scales: np.ndarray | None = None,
+        *,
+        predicted: bool = False,
+    ) -> Frame:
+        """Hidden states (positions, n_embd); pass int8 `hidden` with its (positions,) `scales`. `predicted`
+        carries a draft's flag on from the TOKENS frame the activations came from."""
+        flags = Flag.PREDICTED if predicted else Flag.NONE
+        return cls(MessageType.ACTIVATION, request_id, position, hidden, flags, scales=scales)
 
     @classmethod
-    def tokens(cls, request_id: int, position: int, token_ids: np.ndarray | Iterable[int]) -> Frame:
-        """Token ids (positions,) into the first stage; stored as (positions, 1)."""
-        return cls(MessageType.TOKENS, request_id, position, np.asarray(token_ids).reshape(-1, 1))
+    def tokens(
+        cls, request_id: int, position: int, token_ids: np.ndarray | Iterable[int], *, predicted: bool = False
+    ) -> Frame:
+        """Token ids (positions,) into the first stage; stored as (positions, 1). `predicted`: the ids after
+        the first are a speculative draft, and the last stage answers every row (Flag.PREDICTED)."""
+        flags = Flag.PREDICTED if predicted else Flag.NONE
+        return cls(MessageType.TOKENS, request_id, position, np.asarray(token_ids).reshape(-1, 1), flags)
 
     @classmethod
     def output(cls, request_id: int, position: int, values: np.ndarray, token_ids: np.ndarray) -> Frame:
@@ -238,6 +258,10 @@ class Frame:
     @property
     def rows(self) -> int:
         return self.array.shape[0]
+
+    @property
+    def predicted(self) -> bool:
+        return bool(self.flags & Flag.PREDICTED)
 
     @property
     def cols(self) -> int:
@@ -337,7 +361,10 @@ def encode_frames(frames: Iterable[Frame], dtype: DType | None = None) -> bytes:
 
 
 def headers(
-    buf: bytes | memoryview, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    buf: bytes | memoryview,
+    *,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    max_frames: int = DEFAULT_MAX_FRAMES,
 ) -> Iterator[tuple[int, Header]]:
     """(offset, header) of every frame of a message, in order: each header checked and its frame whole.
 
@@ -349,6 +376,8 @@ def headers(
         raise FrameError("empty message: it holds no frames")
     offset = index = 0
     while offset < len(view):
+        if index == max_frames:
+            raise FrameError(f"frame {index} at byte {offset}: a message holds at most {max_frames} frames")
         try:
             header = read_header(view, offset, max_payload_bytes=max_payload_bytes)
             _check_whole(view, offset, header)
@@ -359,11 +388,16 @@ def headers(
         index += 1
 
 
-def decode_frames(buf: bytes | memoryview, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> list[Frame]:
+def decode_frames(
+    buf: bytes | memoryview,
+    *,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    max_frames: int = DEFAULT_MAX_FRAMES,
+) -> list[Frame]:
     """A message of one or more frames back to back -> frames in order; any defect fails the message."""
     view = _byte_view(buf)
     frames: list[Frame] = []
-    for offset, header in headers(view, max_payload_bytes=max_payload_bytes):
+    for offset, header in headers(view, max_payload_bytes=max_payload_bytes, max_frames=max_frames):
         try:
             frames.append(_frame_at(view, offset, header))
         except FrameError as error:

@@ -36,6 +36,7 @@ from playwright.async_api import Browser, Page, async_playwright
 
 from services.common import server
 from services.common.gpt2.model import GPT2Stage
+from services.common.model_config_pb import model_config_to_pb
 from services.common.pb import common_pb2, gateway_pb2
 from services.node.benchmark import measure_speed
 from services.node.worker import StageWorker
@@ -162,7 +163,7 @@ async def load_on_page(
     started = time.perf_counter()
     await gateway.stub.AssignShard(
         gateway_pb2.AssignShardRequest(
-            node_id=node, shard_id=manifest.shard_id,
+            config=model_config_to_pb(manifest.config), node_id=node, shard_id=manifest.shard_id,
             layers=common_pb2.LayerRange(start=manifest.layer_start, end=manifest.layer_end),
             shard_url=f"{base_url}/shards/{manifest.file}", manifest_url=f"{base_url}/shards/{manifest.shard_id}.json",
             sha256=manifest.sha256, size_bytes=manifest.byte_size, top_k=TOP_K,

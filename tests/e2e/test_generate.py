@@ -105,3 +105,12 @@ def test_no_nodes_is_unavailable_naming_missing_layers(make_stack) -> None:
         generate(stack.router_address, prompt="hello", max_tokens=2)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "synapse node" in caught.value.details()
+
+
+def test_a_long_prompt_in_chunks_gives_the_same_tokens(make_stack, reference) -> None:
+    """Prompts longer than SYNAPSE_ROUTER_PREFILL_CHUNK go in several steps; the output does not change."""
+    stack = make_stack(2, env={"SYNAPSE_ROUTER_PREFILL_CHUNK": "8"})
+    wait_for_pipeline(stack, 2)
+    prompt = [(7 * index + 3) % 50000 for index in range(37)]
+    responses = generate(stack.router_address, prompt_token_ids={"ids": prompt}, max_tokens=6, ignore_eos=True)
+    assert tokens_of(responses) == greedy_reference(reference, prompt, 6)

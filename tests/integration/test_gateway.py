@@ -23,7 +23,7 @@ from websockets.exceptions import InvalidHandshake
 
 from services.cli import main as synapse
 from services.common.pb import common_pb2, gateway_pb2
-from services.gateway import redis_registry, websocket_server
+from services.gateway import redis_registry
 from services.gateway.websocket_server import CLOSE_POLICY
 from services.launcher import free_port
 from services.wire import syn1
@@ -62,6 +62,10 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
+# The shape the fake nodes' model has, as the router would send it with an assignment.
+FAKE_CONFIG = common_pb2.ModelConfig(n_layer=2, n_head=1, n_embd=FAKE_HIDDEN, vocab_size=1000, n_positions=64)
+
+
 def output_of(result: StepResult) -> syn1.Frame:
     (frame,) = syn1.decode_frames(result.frames)
     assert frame.msg_type is syn1.MessageType.OUTPUT
@@ -90,7 +94,7 @@ async def test_hello_gets_welcome_and_watch_sees_joined_loading_ready_gone(gatew
         assert joined.node.device == "webgpu: test adapter" and joined.node.memory_bytes == 1 << 30
         request = gateway_pb2.AssignShardRequest(
             node_id="node-a", shard_id="tiny-0-2", shard_url="http://shards/s", manifest_url="http://shards/m",
-            sha256="ab" * 32, size_bytes=1234, top_k=8, activation_dtype=common_pb2.DTYPE_FLOAT16,
+            sha256="ab" * 32, size_bytes=1234, top_k=8, activation_dtype=common_pb2.DTYPE_FLOAT16, config=FAKE_CONFIG,
         )  # fmt: skip
         request.layers.start, request.layers.end = 0, 2
         await gateway.stub.AssignShard(request, timeout=5)
@@ -115,7 +119,10 @@ async def test_hello_gets_welcome_and_watch_sees_joined_loading_ready_gone(gatew
 
 @pytest.mark.timeout(30)
 async def test_assign_to_an_unknown_node_is_unavailable(gateway: RunningGateway) -> None:
-    request = gateway_pb2.AssignShardRequest(node_id="nobody", shard_id="s", activation_dtype=common_pb2.DTYPE_INT8)
+    request = gateway_pb2.AssignShardRequest(
+        node_id="nobody", shard_id="s", activation_dtype=common_pb2.DTYPE_INT8, config=FAKE_CONFIG
+    )
+    request.layers.start, request.layers.end = 0, 2
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await gateway.stub.AssignShard(request, timeout=5)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -126,7 +133,8 @@ async def test_assign_to_an_unknown_node_is_unavailable(gateway: RunningGateway)
 async def test_assign_without_an_activation_dtype_is_invalid(gateway: RunningGateway) -> None:
     """No silent default: the router always names the wire dtype it wants."""
     node = await FakeNode.join(gateway.ws_url, "picky")
-    request = gateway_pb2.AssignShardRequest(node_id="picky", shard_id="s")
+    request = gateway_pb2.AssignShardRequest(node_id="picky", shard_id="s", config=FAKE_CONFIG)
+    request.layers.start, request.layers.end = 0, 2
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await gateway.stub.AssignShard(request, timeout=5)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -228,6 +236,10 @@ INSTEAD_OF_HELLO = {
     "hello with an unknown node kind": (json.dumps(hello("x", node_kind="toaster")), "node_kind"),
     "hello without node_id": (json.dumps({**hello("x"), "node_id": ""}), "node_id"),
     "hello of another protocol": (json.dumps(hello("x", protocol=99)), "protocol 99"),
+    "hello with memory_bytes 2^64": (json.dumps(hello("x", memory_bytes=2**64)), "memory_bytes"),
+    "hello with speed 1e999": (json.dumps(hello("x"))[:-1] + ', "speed": 1e999}', "speed"),
+    "hello with speed NaN": (json.dumps(hello("x", speed=float("nan"))), "NaN is not a JSON value"),
+    "hello with an unsafe node_id": (json.dumps(hello("x y\nnode_joined")), "node_id"),
 }
 
 
@@ -248,12 +260,10 @@ async def test_bad_first_message_is_refused(gateway: RunningGateway, case: str) 
 
 
 @pytest.mark.timeout(30)
-async def test_connection_that_never_says_hello_is_refused(
-    gateway: RunningGateway, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(websocket_server, "HELLO_TIMEOUT_S", 0.2)
-    websocket = await connect(gateway.ws_url, close_timeout=1)
-    received, code = await closed_with(websocket)
+async def test_connection_that_never_says_hello_is_refused() -> None:
+    async with running_gateway(hello_timeout_s=0.2) as gateway:
+        websocket = await connect(gateway.ws_url, close_timeout=1)
+        received, code = await closed_with(websocket)
     assert code == CLOSE_POLICY
     assert received == [{"kind": "error", "message": "no hello within 0.2 s of connecting", "fatal": True}]
 

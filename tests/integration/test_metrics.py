@@ -79,7 +79,10 @@ async def test_gateway_metrics_after_real_traffic() -> None:
             prefill = token_step([stage("metrics-last", 0, 2)], 2, 0, [1, 2, 3, 4])
             await asyncio.gather(client.step(decode, 5), client.step(prefill, 5))  # StepFailed would raise
         for node_id in ("metrics-last", "nobody"):
-            request = gateway_pb2.AssignShardRequest(node_id=node_id, activation_dtype=common_pb2.DTYPE_FLOAT16)
+            request = gateway_pb2.AssignShardRequest(
+                node_id=node_id, activation_dtype=common_pb2.DTYPE_FLOAT16, layers={"start": 1, "end": 2},
+                config=common_pb2.ModelConfig(n_layer=2, n_head=1, n_embd=FAKE_HIDDEN, vocab_size=1000, n_positions=64),
+            )  # fmt: skip
             if node_id == "nobody":
                 with pytest.raises(grpc.aio.AioRpcError):
                     await gateway.stub.AssignShard(request, timeout=5)
@@ -119,7 +122,7 @@ async def test_gateway_metrics_after_real_traffic() -> None:
 
 
 @pytest.mark.timeout(60)
-async def test_rejected_messages_are_counted_by_kind() -> None:
+async def test_rejected_messages_are_counted_by_reason() -> None:
     port = start_metrics_server(0, host="127.0.0.1")
     assert port
     async with running_gateway() as gateway:
@@ -130,8 +133,8 @@ async def test_rejected_messages_are_counted_by_kind() -> None:
             await asyncio.wait_for(node.websocket.wait_closed(), 5)
         await _until_left(gateway, {"bad-text", "bad-frame"})
         delta = Delta(before, await scrape(port))
-    assert delta("synapse_gateway_rejected_messages_total", kind="control") == 1
-    assert delta("synapse_gateway_rejected_messages_total", kind="frame") == 1
+    assert delta("synapse_gateway_rejected_messages_total", reason="control") == 1
+    assert delta("synapse_gateway_rejected_messages_total", reason="frame") == 1
 
 
 async def _until_left(gateway: RunningGateway, node_ids: set[str]) -> None:

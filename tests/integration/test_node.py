@@ -79,15 +79,33 @@ def logs(caplog: pytest.LogCaptureFixture) -> Iterator[Callable[[str], list[logg
     yield lambda event: [record for record in caplog.records if record.getMessage() == event]
 
 
-async def plan_one(sharder: Sharder, node_id: str) -> sharder_pb2.Assignment:
+@dataclass(frozen=True)
+class Planned:
+    """One node's assignment and the model's shape, as the router would send them."""
+
+    assignment: sharder_pb2.Assignment
+    config: common_pb2.ModelConfig
+
+    @property
+    def sha256(self) -> str:
+        return self.assignment.sha256
+
+    @property
+    def shard_id(self) -> str:
+        return self.assignment.shard_id
+
+
+async def plan_one(sharder: Sharder, node_id: str) -> Planned:
     nodes = [common_pb2.NodeCapacity(node_id=node_id, memory_bytes=1 << 30, speed=100.0)]
     plan = await sharder.stub.Plan(sharder_pb2.PlanRequest(nodes=nodes), timeout=30)
     (assignment,) = plan.assignments
-    return assignment
+    return Planned(assignment, plan.config)
 
 
-async def assign(gateway: RunningGateway, assignment: sharder_pb2.Assignment, node_id: str, **urls: str) -> None:
+async def assign(gateway: RunningGateway, planned: Planned, node_id: str, **urls: str) -> None:
+    assignment = planned.assignment
     request = gateway_pb2.AssignShardRequest(
+        config=planned.config,
         node_id=node_id, shard_id=assignment.shard_id, layers=assignment.layers,
         shard_url=urls.get("shard_url", assignment.shard_url),
         manifest_url=urls.get("manifest_url", assignment.manifest_url), sha256=assignment.sha256,

@@ -60,3 +60,33 @@ async def test_route_around_a_gone_node_until_a_gateway_reports_it() -> None:
     assert cluster.pipelines == []
     await cluster._apply(replace(node, version=2), GATEWAY_B)  # moved to another gateway, newer
     assert len(cluster.pipelines) == 1
+
+
+def test_a_node_late_to_load_is_excluded_but_never_the_last_one(monkeypatch) -> None:
+    from services.router import planner
+
+    clock = [100.0]
+    monkeypatch.setattr(planner.time, "monotonic", lambda: clock[0])
+    watch = planner.LoadWatch(deadline_s=10.0, exclude_s=60.0)
+    slow, quick = ready("slow", (0, 2)), ready("quick", (2, 4))
+    watch.assigned("slow", "s1")
+    watch.assigned("quick", "s2")
+    watch.seen(replace(quick, shard_id="s2"))  # ready with its shard: no longer watched
+    clock[0] = 115.0
+    assert watch.overdue([slow, quick]) == ["slow"]
+    assert [n.node_id for n in watch.eligible([slow, quick])] == ["quick"]
+    clock[0] = 200.0
+    assert watch.expired() == ["slow"] and len(watch.eligible([slow, quick])) == 2
+    watch.assigned("slow", "s1")
+    clock[0] = 215.0
+    assert watch.overdue([slow]) == []  # alone: waiting is better than planning nobody
+
+
+def test_speed_claims_are_capped_by_the_others_and_replicas_deal_round_robin() -> None:
+    from services.router.planner import SPEED_TRUST, capped, replica_groups
+
+    nodes = [replace(ready(f"n{i}", (0, 4)), speed=s) for i, s in enumerate((1e7, 100.0, 120.0, 90.0))]
+    speeds = {n.node_id: n.speed for n in capped(nodes)}
+    assert speeds["n0"] == SPEED_TRUST * 100.0 and speeds["n1"] == 100.0
+    groups = replica_groups(capped(nodes), 2)
+    assert [[n.node_id for n in group] for group in groups] == [["n0", "n1"], ["n2", "n3"]]

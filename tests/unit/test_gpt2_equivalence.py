@@ -12,7 +12,7 @@ from torch import Tensor
 
 from services.common.errors import InvalidArgument
 from services.common.gpt2.checkpoint import Checkpoint, load_checkpoint
-from services.common.gpt2.model import GPT2Stage, KVCache, top_k
+from services.common.gpt2.model import GPT2Stage, KVCache, ranked_top_k, top_k
 from tests.checkpoints import load_reference, make_random_checkpoint
 
 SHAPES = {  # name: (n_layer, n_head, n_embd)
@@ -147,18 +147,15 @@ def test_batched_requests_of_different_lengths_match_running_each_alone(referenc
             assert max_difference(logits, expected) <= TOLERANCE, f"request {r}"
 
 
-def test_last_only_and_explicit_positions_give_the_same_logits(reference) -> None:
+def test_last_only_gives_the_last_row_of_the_full_logits(reference) -> None:
     ref = reference("4x4x64")
     stages = build(ref, [(0, 2), (2, 4)])
     prompts = [ref.tokens[:6], ref.tokens[:3]]
     full = run(stages, [[s.new_cache(), s.new_cache()] for s in stages], prompts)
     last = run(stages, [[s.new_cache(), s.new_cache()] for s in stages], prompts, last_only=True)
-    positions = [torch.arange(6), torch.arange(3)]
-    placed = run(stages, [[s.new_cache(), s.new_cache()] for s in stages], prompts, positions=positions)
-    for full_logits, last_logits, placed_logits in zip(full, last, placed, strict=True):
+    for full_logits, last_logits in zip(full, last, strict=True):
         assert last_logits.shape == (1, 97)
         assert max_difference(last_logits[0], full_logits[-1]) <= BATCH_TOLERANCE
-        assert torch.equal(placed_logits, full_logits)
 
 
 def test_truncated_cache_replays_to_the_same_logits(reference) -> None:
@@ -172,24 +169,28 @@ def test_truncated_cache_replays_to_the_same_logits(reference) -> None:
     assert max_difference(logits, ref.logits[4:12]) <= TOLERANCE
 
 
-def test_cache_grows_by_doubling_keeps_its_contents_and_stops_at_n_positions(reference) -> None:
+def test_new_cache_takes_a_slot_of_a_pool_that_doubles_and_gets_slots_back(reference) -> None:
     ref = reference("2x2x32")
     (stage,) = build(ref, [(0, 2)])
-    cache = stage.new_cache()
-    assert (cache.length, cache.capacity, cache.nbytes) == (0, 0, 0)
-    stage([ref.tokens[:10]], [cache])
-    assert (cache.length, cache.capacity) == (10, 16)
-    assert cache.nbytes == 2 * 2 * 2 * 16 * 16 * 4  # keys and values, layers, heads, tokens, head_dim, f32
-    first_keys = cache.keys(1).clone()
-    stage([ref.tokens[10:17]], [cache])
-    assert (cache.length, cache.capacity) == (17, 32)
-    assert torch.equal(cache.keys(1)[:, :10], first_keys)
-    assert cache.keys(0).shape == cache.values(0).shape == (2, 17, 16)
-    stage([torch.zeros(40, dtype=torch.long)], [cache])
-    assert (cache.length, cache.capacity) == (57, 64)  # capped at n_positions
+    caches = [stage.new_cache() for _ in range(5)]
+    pool = stage.own_pool
+    assert [cache.slot for cache in caches] == [0, 1, 2, 3, 4] and pool.slots == 8
+    assert pool.nbytes == 2 * 9 * 64 * 2 * 32 * 4  # layers, slots + scratch, positions, k and v, n_embd, f32
+    stage([ref.tokens[:10]], [caches[0]])
+    first_logits = stage([ref.tokens[10:17]], [caches[0]])
+    assert caches[0].length == 17
+    pool.grow(16)  # the stored rows move with the pool
+    caches[0].truncate(10)
+    assert torch.equal(stage([ref.tokens[10:17]], [caches[0]])[0], first_logits[0])
+    caches[1].release()
+    del caches[2]  # a dropped handle gives its slot back too
+    again = [stage.new_cache() for _ in range(2)]
+    assert [cache.slot for cache in again] == [1, 2]
+    stage([torch.zeros(40, dtype=torch.long)], [caches[0]])
+    assert caches[0].length == 57
     with pytest.raises(InvalidArgument, match="exceed the model's 64 positions"):
-        stage([torch.zeros(8, dtype=torch.long)], [cache])
-    assert cache.length == 57
+        stage([torch.zeros(8, dtype=torch.long)], [caches[0]])
+    assert caches[0].length == 57
 
 
 def test_from_tensors_casts_float16_and_names_missing_tensors(reference) -> None:
@@ -214,13 +215,12 @@ def test_forward_rejects_bad_batches(reference) -> None:
         (first, [torch.tensor([], dtype=torch.long)], [cache], "expected token ids"),
         (last, [torch.zeros(2, 31)], [last.new_cache()], "expected activations (T, 32)"),
         (first, [torch.tensor([1]), torch.tensor([2])], [cache], "2 inputs and 1 caches"),
-        (first, [torch.tensor([1, 2])], [cache], "positions have shape [1], expected [2]"),
         (first, [torch.tensor([1]), torch.tensor([2])], [cache, cache], "same KV cache appears twice"),
         (first, [torch.tensor([1])], [GPT2Stage(ref.checkpoint.config, 0, 2).new_cache()], "new_cache"),
     ]
     for stage, inputs, caches, message in bad_calls:
         with pytest.raises(InvalidArgument, match=re.escape(message)):
-            stage(inputs, caches, positions=[torch.tensor([0])] if "positions" in message else None)
+            stage(inputs, caches)
     assert cache.length == 0
 
 
@@ -253,3 +253,12 @@ def test_top_k_returns_float32_values_and_int64_ids_largest_first() -> None:
     assert top_k(logits[0], 10)[1].tolist() == [1, 3, 0, 2]  # k above the vocabulary: all of it
     with pytest.raises(InvalidArgument, match="k >= 1"):
         top_k(logits, 0)
+
+
+def test_ranked_top_k_packs_float32_bits_and_ids_with_ties_to_the_lower_id() -> None:
+    logits = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, -1.0], [0.5, 0.25, 4.0, 0.25, 0.25, 8.0]], dtype=torch.float16)
+    packed = ranked_top_k(logits, 4)
+    assert packed.dtype == torch.int32 and packed.shape == (2, 8)
+    values, ids = packed[:, :4].view(torch.float32), packed[:, 4:]
+    assert values.tolist() == [[3.0, 3.0, 3.0, 2.0], [8.0, 4.0, 0.5, 0.25]]
+    assert ids[0].tolist() == [1, 2, 4, 3] and ids[1, :3].tolist() == [5, 2, 0]

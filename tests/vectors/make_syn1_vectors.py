@@ -99,6 +99,11 @@ def valid_messages() -> list[tuple[str, str, list[tuple[Frame, DType | None, np.
         ("activation_i8_1x768", "GPT-2 124M decode hop at int8: 796 bytes", [act(8, 41, 1, 768, I8)]),
         ("tokens_1", "one decode token", [(Frame.tokens(9, 41, [464]), None, None)]),
         ("tokens_5", "a prompt for prefill", [(Frame.tokens(10, 0, [15496, 11, 995, 0, 50256]), None, None)]),
+        (
+            "tokens_predicted_3",
+            "a decode token and a 2-token speculative draft (flag PREDICTED)",
+            [(Frame.tokens(11, 42, [262, 3290, 13], predicted=True), None, None)],
+        ),
         ("output_f16_1x64", "top-64 at f16: 408 bytes", [(Frame.output(11, 41, *out16), None, None)]),
         ("output_f32_2x5", "top-5 at f32, two positions", [(Frame.output(12, 8, *out32), None, None)]),
         ("logits_f32_1x48", "full logits, f32", [(Frame.logits(13, 2, _sample(rng, 1, 48)), None, None)]),
@@ -133,6 +138,7 @@ def invalid_messages() -> list[tuple[str, str, bytes]]:
     reserved[7] = 1
     padding = bytearray(f16)
     padding[-1] = 7
+    token = syn1.encode(Frame.tokens(1, 0, [464]))
     return [
         ("empty", "decode_frames", b""),
         ("short_header", "decode", good[:10]),
@@ -145,7 +151,7 @@ def invalid_messages() -> list[tuple[str, str, bytes]]:
         ("unknown_flag_bit", "decode", _header(ACT, 0x10, F32, 1, 1) + bytes(4)),
         ("flag_compressed", "decode", _header(ACT, 2, F32, 1, 1) + bytes(4)),
         ("flag_delta", "decode", _header(ACT, 4, F32, 1, 1) + bytes(4)),
-        ("flag_predicted", "decode", _header(ACT, 8, F32, 1, 1) + bytes(4)),
+        ("flag_predicted_on_output", "decode", _header(OUT, 8, F32, 1, 1) + bytes(8)),
         ("quantized_flag_on_f32", "decode", _header(ACT, 1, F32, 1, 1) + bytes(4)),
         ("i8_without_quantized_flag", "decode", _header(ACT, 0, I8, 1, 4) + bytes(8)),
         ("output_i8", "decode", _header(OUT, 1, I8, 1, 4) + bytes(24)),
@@ -162,6 +168,7 @@ def invalid_messages() -> list[tuple[str, str, bytes]]:
         ("trailing_bytes", "decode", good + bytes(4)),
         ("multi_second_truncated", "decode_frames", good + f16[:100]),
         ("multi_garbage_tail", "decode_frames", good + f16 + b"hello"),
+        ("multi_too_many_frames", "decode_frames", token * (syn1.DEFAULT_MAX_FRAMES + 1)),
     ]
 
 
@@ -202,6 +209,7 @@ def build(out_dir: Path) -> None:
     index = {
         "format": "SYN1 vectors (docs/wire-protocol.md), made by python -m tests.vectors.make_syn1_vectors",
         "max_payload_bytes": syn1.DEFAULT_MAX_PAYLOAD_BYTES,
+        "max_frames": syn1.DEFAULT_MAX_FRAMES,
         "valid": valid,
         "invalid": invalid,
         "f16_conversion": f16_conversion_table(),

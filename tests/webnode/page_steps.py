@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from services.common.gpt2.config import GPT2Config
 from services.common.gpt2.model import GPT2Stage, KVCache
+from services.common.model_config_pb import model_config_to_pb
 from services.common.pb import common_pb2, gateway_pb2, sharder_pb2
 from services.sharder.shards import read_shard
 from services.wire import syn1
@@ -41,7 +43,8 @@ async def assign(
     **urls: str,
 ) -> None:
     request = gateway_pb2.AssignShardRequest(
-        node_id=node, shard_id=assignment.shard_id, layers=assignment.layers,
+        config=model_config_to_pb(GPT2Config(**SHAPE)), node_id=node, shard_id=assignment.shard_id,
+        layers=assignment.layers,
         shard_url=urls.get("shard_url", assignment.shard_url),
         manifest_url=urls.get("manifest_url", assignment.manifest_url),
         sha256=assignment.sha256, size_bytes=assignment.size_bytes, top_k=top_k, activation_dtype=dtype,

@@ -51,7 +51,9 @@ def tokens_of(responses: list[router_pb2.GenerateResponse]) -> list[int]:
 
 
 async def join(open_page: OpenPage, stack: Stack, node_id: str) -> NodePage:
-    page = await open_page(page_url(stack.gateway_ports[0][1], node_id=node_id, speed=PAGE_SPEED))
+    page = await open_page(
+        page_url(stack.gateway_ports[0][1], node_id=node_id, speed=PAGE_SPEED, join_token=stack.join_token)
+    )
     await page.wait_for("s.state === 'joined' || s.state === 'loading' || s.state === 'ready'")
     return page
 

@@ -1,9 +1,10 @@
 // Entry point: check WebGPU, load the kernels, probe memory, run the speed benchmark, then join the gateway.
 //
-// Query parameters (all optional): gateway=<ws(s) URL>, node_id=<id>, speed=<layer passes/s> (skips the
-// benchmark), memory_mib=<cap on the memory probe>, max_binding_mib=<smaller storage bindings, to test the
-// piecewise token table>, f16=off (ignore shader-f16), cpu=0|1 (treat the adapter as a GPU or as a CPU when
-// picking matmul kernels and blocks, js/shapes.js; detected from adapter.info.isFallbackAdapter otherwise).
+// Query parameters (all optional): gateway=<ws(s) URL>, node_id=<id>, join_token=<token from `synapse token`,
+// when the gateway asks for one>, speed=<layer passes/s> (skips the benchmark), memory_mib=<cap on the memory
+// probe>, max_binding_mib=<smaller storage bindings, to test the piecewise token table>, f16=off (ignore
+// shader-f16), cpu=0|1 (treat the adapter as a GPU or as a CPU when picking matmul kernels and blocks,
+// js/shapes.js; detected from adapter.info.isFallbackAdapter otherwise).
 
 import { measureSpeed } from "./benchmark.js";
 import { gatewayUrl } from "./connection.js";
@@ -27,6 +28,21 @@ function nodeId() {
     sessionStorage.setItem("synapse-node-id", id);
   }
   return id;
+}
+
+/**
+ * ?join_token=, kept for this tab so a reload still joins, and taken out of the address bar so that
+ * copying the page's URL does not hand the token on.
+ */
+function joinToken() {
+  const given = query.get("join_token");
+  if (given) {
+    sessionStorage.setItem("synapse-join-token", given);
+    const shown = new URL(location.href);
+    shown.searchParams.delete("join_token");
+    history.replaceState(history.state, "", shown);
+  }
+  return given ?? sessionStorage.getItem("synapse-join-token") ?? "";
 }
 
 function positiveNumber(name) {
@@ -73,7 +89,8 @@ async function boot() {
   const speed = positiveNumber("speed") ?? (await measureSpeed(kernels, sizes));
   ui.update({ speed });
   if (failed) return;
-  node = new WebNode({ gpu, kernels, nodeId: id, url, memoryBytes: probe.totalBytes, speed, maxBindingBytes });
+  const options = { gpu, kernels, nodeId: id, url, memoryBytes: probe.totalBytes, speed, maxBindingBytes };
+  node = new WebNode({ ...options, joinToken: joinToken() });
   node.start();
 }
 

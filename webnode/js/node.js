@@ -17,7 +17,7 @@ const NO_SHARD = "step received before any shard was loaded";
 export class WebNode {
   /**
    * @param {{gpu: object, kernels: import("./kernels.js").Kernels, nodeId: string, url: string,
-   *   memoryBytes: number, speed: number, maxBindingBytes: number}} options
+   *   memoryBytes: number, speed: number, maxBindingBytes: number, joinToken?: string}} options
    */
   constructor(options) {
     Object.assign(this, options);
@@ -54,8 +54,9 @@ export class WebNode {
   }
 
   hello() {
-    const { nodeId, memoryBytes, speed } = this;
-    return { node_id: nodeId, node_kind: "web", device: this.gpu.description, memory_bytes: memoryBytes, speed };
+    const { nodeId, memoryBytes, speed, joinToken = "" } = this;
+    const device = this.gpu.description;
+    return { node_id: nodeId, node_kind: "web", device, memory_bytes: memoryBytes, speed, join_token: joinToken };
   }
 
   connectionStatus(state, detail) {

@@ -1,106 +1,22 @@
-"""The GPT-2 math of one pipeline stage (a layer range), its per-request KV cache, and top-k of logits."""
+"""The GPT-2 math of one pipeline stage (a layer range) over a pooled KV cache, and top-k of logits."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from services.common.errors import InvalidArgument
 from services.common.gpt2.checkpoint import expected_shapes, stage_tensor_names
 from services.common.gpt2.config import GPT2Config
+from services.common.gpt2.kv_pool import BatchMeta, KVCache, KVPool, StepPlan, pool_attention
 
-INITIAL_CACHE_CAPACITY = 16  # tokens; the cache doubles from here
 # Hugging Face stores these as Conv1D (in, out); nn.Linear wants (out, in).
 CONV1D_WEIGHTS = ("c_attn.weight", "c_proj.weight", "c_fc.weight")
-# cuDNN attention builds a new plan for every new key length, i.e. every decode step: on an H200 that
-# made a GPT-2 124M decode step 58 ms instead of 4 ms. The other backends have no such setup cost.
-# Only applied on CUDA: on the CPU the default choice is the fast one for small shapes.
-ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-class KVCache:
-    """Keys and values of one request for every layer of one stage, preallocated and grown by doubling."""
-
-    def __init__(
-        self,
-        n_layer: int,
-        n_head: int,
-        head_dim: int,
-        max_length: int,
-        *,
-        dtype: torch.dtype,
-        device: str | torch.device,
-    ) -> None:
-        self.n_layer, self.n_head, self.head_dim, self.max_length = n_layer, n_head, head_dim, max_length
-        self.dtype, self.device = dtype, torch.device(device)
-        self.length = 0  # tokens stored and committed
-        self._keys = torch.empty(n_layer, n_head, 0, head_dim, dtype=dtype, device=self.device)
-        self._values = torch.empty_like(self._keys)
-
-    @property
-    def capacity(self) -> int:
-        """Tokens that fit before the next reallocation."""
-        return self._keys.shape[2]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes allocated for keys and values."""
-        return self._keys.nbytes + self._values.nbytes
-
-    def keys(self, layer: int) -> Tensor:
-        """Committed keys of a stage-local layer: (n_head, length, head_dim)."""
-        return self._keys[layer, :, : self.length]
-
-    def values(self, layer: int) -> Tensor:
-        """Committed values of a stage-local layer: (n_head, length, head_dim)."""
-        return self._values[layer, :, : self.length]
-
-    def reserve(self, new_tokens: int) -> None:
-        """Make room for new_tokens more tokens, doubling the capacity as needed."""
-        needed = self.length + new_tokens
-        if needed > self.max_length:
-            raise InvalidArgument(
-                f"context is full: {self.length} cached + {new_tokens} new tokens exceed "
-                f"the model's {self.max_length} positions"
-            )
-        if needed <= self.capacity:
-            return
-        capacity = max(INITIAL_CACHE_CAPACITY, self.capacity)
-        while capacity < needed:
-            capacity *= 2
-        capacity = min(capacity, self.max_length)
-        shape = (self.n_layer, self.n_head, capacity, self.head_dim)
-        keys = torch.empty(shape, dtype=self.dtype, device=self.device)
-        values = torch.empty(shape, dtype=self.dtype, device=self.device)
-        keys[:, :, : self.length] = self._keys[:, :, : self.length]
-        values[:, :, : self.length] = self._values[:, :, : self.length]
-        self._keys, self._values = keys, values
-
-    def write(self, layer: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-        """Store (n_head, T, head_dim) new keys/values after the committed ones (call reserve first).
-
-        Returns the layer's keys and values including the new ones: (n_head, length + T, head_dim).
-        The new tokens count only once commit(T) is called, after every layer has been written.
-        """
-        end = self.length + keys.shape[1]
-        self._keys[layer, :, self.length : end] = keys
-        self._values[layer, :, self.length : end] = values
-        return self._keys[layer, :, :end], self._values[layer, :, :end]
-
-    def commit(self, new_tokens: int) -> None:
-        """Count the last written new_tokens as cached."""
-        self.length += new_tokens
-
-    def truncate(self, length: int) -> None:
-        """Forget every token from position `length` on (keeps the memory)."""
-        if not 0 <= length <= self.length:
-            raise InvalidArgument(f"cannot truncate a cache of {self.length} tokens to {length}")
-        self.length = length
+OWN_POOL_SLOTS = 4  # first size of the pool a stage keeps for new_cache(); it doubles when full
 
 
 class CausalSelfAttention(nn.Module):
@@ -110,28 +26,12 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # query, key, value projections
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
 
-    def forward(
-        self, x: Tensor, caches: Sequence[KVCache], layer: int, lengths: list[int], mask: Tensor | None
-    ) -> Tensor:
-        B, T, C = x.size()  # batch, padded new tokens, n_embd
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        # Each request stores only its real new tokens, then attends to its whole cache.
-        cached = [cache.write(layer, k[b, :, : lengths[b]], v[b, :, : lengths[b]]) for b, cache in enumerate(caches)]
-        if B == 1:
-            keys, values = cached[0][0].unsqueeze(0), cached[0][1].unsqueeze(0)  # (1, nh, S, hs), no copy
-        else:
-            S = max(request_keys.shape[1] for request_keys, _ in cached)
-            keys = k.new_zeros(B, self.n_head, S, C // self.n_head)  # (B, nh, S, hs), padded
-            values = torch.zeros_like(keys)
-            for b, (request_keys, request_values) in enumerate(cached):
-                keys[b, :, : request_keys.shape[1]] = request_keys
-                values[b, :, : request_values.shape[1]] = request_values
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
-        return self.c_proj(y)
+    def forward(self, x: Tensor, kv: Tensor, meta: BatchMeta, kv_rows: Tensor) -> Tensor:
+        N, C = x.size()  # new tokens of every request in the batch, n_embd
+        qkv = self.c_attn(x).view(N, 3, self.n_head, C // self.n_head)  # (N, 3, nh, hs)
+        kv.index_copy_(0, kv_rows, qkv[:, 1:])  # every new key and value into the pool, in one write
+        y = pool_attention(qkv[:, 0], kv, meta)  # (N, nh, hs)
+        return self.c_proj(y.reshape(N, C))
 
 
 class MLP(nn.Module):
@@ -153,20 +53,20 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(
-        self, x: Tensor, caches: Sequence[KVCache], layer: int, lengths: list[int], mask: Tensor | None
-    ) -> Tensor:
-        x = x + self.attn(self.ln_1(x), caches, layer, lengths, mask)
+    def forward(self, x: Tensor, kv: Tensor, meta: BatchMeta, kv_rows: Tensor) -> Tensor:
+        x = x + self.attn(self.ln_1(x), kv, meta, kv_rows)
         return x + self.mlp(self.ln_2(x))
 
 
 class GPT2Stage(nn.Module):
-    """Layers [start, end) of a GPT-2 model, run for a batch of requests that each bring their own KV cache.
+    """Layers [start, end) of a GPT-2 model, run for a batch of requests whose keys and values live in a KVPool.
 
     The first stage (start == 0) owns the token and position embeddings (wte, wpe) and takes token ids.
     The last stage (end == n_layer) owns ln_f and the LM head, which GPT-2 ties to wte: so the last
     stage holds wte too and receives it as `wte.weight` in its tensors even when it is not the first
     stage. Other stages take and return activations (T, n_embd). Model layer i is self.h[i - start].
+    forward_step is the serving path (graph-safe, one batch laid out by a StepPlan); forward is the
+    convenience form over per-request KVCache handles.
     """
 
     def __init__(self, config: GPT2Config, start: int, end: int) -> None:
@@ -222,65 +122,75 @@ class GPT2Stage(nn.Module):
         head = getattr(self, "lm_head", None)  # set by from_tensors; a stage built directly has only wte
         return x @ head if head is not None else F.linear(x, self.wte.weight)
 
-    def new_cache(self) -> KVCache:
-        """An empty KV cache for one request on this stage."""
-        weight = self.h[0].ln_1.weight
-        config = self.config
-        return KVCache(
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Last stage: (rows, n_embd) hidden states after the last layer -> (rows, vocab) logits."""
+        return self._lm_head(self.ln_f(hidden))
+
+    def new_pool(self, slots: int) -> KVPool:
+        """A KV pool of `slots` requests for this stage's layers, on its device, in its dtype."""
+        weight, config = self.h[0].ln_1.weight, self.config
+        return KVPool(
             len(self.h),
             config.n_head,
             config.head_dim,
-            config.n_positions,
+            slots=slots,
+            max_positions=config.n_positions,
             dtype=weight.dtype,
             device=weight.device,
         )
 
+    def new_cache(self) -> KVCache:
+        """A KV cache for one request, a slot of a pool this stage keeps for forward() (doubled when full)."""
+        pool = self.__dict__.get("own_pool")
+        if pool is None:
+            pool = self.own_pool = self.new_pool(OWN_POOL_SLOTS)
+        if not pool.free_slots:
+            pool.grow(2 * pool.slots)
+        return KVCache(pool, pool.acquire())
+
     @torch.inference_mode()
-    def forward(
-        self,
-        inputs: Sequence[Tensor],
-        caches: Sequence[KVCache],
-        *,
-        positions: Sequence[Tensor] | None = None,
-        last_only: bool = False,
-    ) -> list[Tensor]:
+    def forward_step(self, meta: BatchMeta, pool: KVPool, activations: Tensor | None = None) -> Tensor:
+        """One step of a batch laid out by a StepPlan: the new tokens of every request, concatenated.
+
+        The first stage reads token ids from meta.tokens; the others take (N, n_embd) activations.
+        Writes every new key and value into the pool; returns (N, n_embd) hidden states after the last
+        layer (before ln_f). No host synchronization on CUDA, so a CUDA graph can capture it.
+        """
+        x = self.wte(meta.tokens) + self.wpe(meta.positions) if self.is_first else activations  # (N, C)
+        kv_rows = meta.kv_rows.long()  # index_copy_ takes int64
+        for layer, block in enumerate(self.h):
+            x = block(x, pool.layer(layer), meta, kv_rows)
+        return x
+
+    @torch.inference_mode()
+    def forward(self, inputs: Sequence[Tensor], caches: Sequence[KVCache], *, last_only: bool = False) -> list[Tensor]:
         """Run new tokens of several requests at once, appending them to each request's cache.
 
         inputs[i]: token ids (T_i,) on the first stage, else activations (T_i, n_embd).
-        positions[i]: (T_i,) position ids, used by the first stage; default cache.length + arange(T_i).
         Returns activations (T_i, n_embd), or on the last stage logits (T_i, vocab), or (1, vocab)
         for each request's last token when last_only.
         """
-        lengths = self._check_batch(inputs, caches, positions)
-        past = [cache.length for cache in caches]
-        x = self._embed(inputs, past, positions) if self.is_first else self._pad(inputs)  # (B, T, C)
+        lengths = self._check_batch(inputs, caches)
+        pool = caches[0].pool
+        plan = StepPlan.of([c.slot for c in caches], [c.length for c in caches], lengths, pool.max_positions)
+        token_ids = self._token_ids(inputs) if self.is_first else None
+        meta = plan.meta(torch.from_numpy(plan.ints(token_ids)).to(pool.kv.device))
+        weight = self.h[0].ln_1.weight
+        activations = None if self.is_first else torch.cat(list(inputs)).to(weight.device, weight.dtype)
+        hidden = self.forward_step(meta, pool, activations)
         for cache, length in zip(caches, lengths, strict=True):
-            cache.reserve(length)
-        mask = _attention_mask(past, lengths, x.device)
-        with sdpa_kernel(ATTENTION_BACKENDS) if x.is_cuda else nullcontext():
-            for layer, block in enumerate(self.h):
-                x = block(x, caches, layer, lengths, mask)
-        for cache, length in zip(caches, lengths, strict=True):
-            cache.commit(length)
+            pool.commit(cache.slot, length)
         if not self.is_last:
-            return [x[b, :length] for b, length in enumerate(lengths)]
+            return list(hidden.split(lengths))
         if last_only:
-            rows = x[torch.arange(len(lengths)), torch.tensor(lengths) - 1]  # (B, C)
-            lengths = [1] * len(lengths)
-        else:
-            rows = torch.cat([x[b, :length] for b, length in enumerate(lengths)])  # (sum T_i, C)
-        logits = self._lm_head(self.ln_f(rows))  # (rows, vocab), tied to wte
-        return list(logits.split(lengths))
+            hidden, lengths = hidden[meta.last_rows.long()], [1] * len(lengths)
+        return list(self.logits(hidden).split(lengths))
 
-    def _check_batch(
-        self, inputs: Sequence[Tensor], caches: Sequence[KVCache], positions: Sequence[Tensor] | None
-    ) -> list[int]:
+    def _check_batch(self, inputs: Sequence[Tensor], caches: Sequence[KVCache]) -> list[int]:
         if not inputs or len(inputs) != len(caches):
             raise InvalidArgument(f"got {len(inputs)} inputs and {len(caches)} caches; need one each per request")
         if len({id(cache) for cache in caches}) != len(caches):
             raise InvalidArgument("the same KV cache appears twice in one batch")
-        if positions is not None and len(positions) != len(inputs):
-            raise InvalidArgument(f"got {len(positions)} position tensors for {len(inputs)} requests")
         config = self.config
         expected = "token ids (T,)" if self.is_first else f"activations (T, {config.n_embd})"
         lengths = []
@@ -288,47 +198,21 @@ class GPT2Stage(nn.Module):
             good_shape = tensor.dim() == 1 if self.is_first else tensor.dim() == 2
             if not good_shape or tensor.shape[0] == 0 or (not self.is_first and tensor.shape[1] != config.n_embd):
                 raise InvalidArgument(f"request {index}: expected {expected}, got shape {list(tensor.shape)}")
-            if cache.n_layer != len(self.h) or cache.head_dim != config.head_dim or cache.n_head != config.n_head:
+            if cache.pool is not self.__dict__.get("own_pool"):
                 raise InvalidArgument(f"request {index}: KV cache was not made by this stage's new_cache()")
             if cache.length + tensor.shape[0] > config.n_positions:
                 raise InvalidArgument(
                     f"request {index}: {cache.length} cached + {tensor.shape[0]} new tokens exceed "
                     f"the model's {config.n_positions} positions"
                 )
-            if self.is_first and positions is not None and positions[index].shape != tensor.shape:
-                raise InvalidArgument(
-                    f"request {index}: positions have shape {list(positions[index].shape)}, "
-                    f"expected {list(tensor.shape)} like its token ids"
-                )
             lengths.append(tensor.shape[0])
         return lengths
 
-    def _embed(self, inputs: Sequence[Tensor], past: list[int], positions: Sequence[Tensor] | None) -> Tensor:
-        B, T = len(inputs), max(tensor.shape[0] for tensor in inputs)
-        tokens = torch.zeros(B, T, dtype=torch.long)  # built on the CPU: checked without a device sync
-        position_ids = torch.zeros(B, T, dtype=torch.long)
-        for b, tensor in enumerate(inputs):
-            length = tensor.shape[0]
-            tokens[b, :length] = tensor.cpu()
-            given = None if positions is None else positions[b].cpu()
-            position_ids[b, :length] = torch.arange(past[b], past[b] + length) if given is None else given
-        config = self.config
-        if tokens.min() < 0 or tokens.max() >= config.vocab_size:
-            raise InvalidArgument(f"token ids must be in [0, {config.vocab_size})")
-        if position_ids.min() < 0 or position_ids.max() >= config.n_positions:
-            raise InvalidArgument(f"positions must be in [0, {config.n_positions})")
-        device = self.wte.weight.device
-        return self.wte(tokens.to(device)) + self.wpe(position_ids.to(device))  # (B, T, C)
-
-    def _pad(self, inputs: Sequence[Tensor]) -> Tensor:
-        weight = self.h[0].ln_1.weight
-        if len(inputs) == 1:
-            return inputs[0].to(device=weight.device, dtype=weight.dtype).unsqueeze(0)  # (1, T, C)
-        T = max(tensor.shape[0] for tensor in inputs)
-        x = weight.new_zeros(len(inputs), T, self.config.n_embd)  # (B, T, C)
-        for b, tensor in enumerate(inputs):
-            x[b, : tensor.shape[0]] = tensor
-        return x
+    def _token_ids(self, inputs: Sequence[Tensor]) -> np.ndarray:
+        token_ids = torch.cat([tensor.cpu() for tensor in inputs]).numpy()  # checked without a device sync
+        if token_ids.min() < 0 or token_ids.max() >= self.config.vocab_size:
+            raise InvalidArgument(f"token ids must be in [0, {self.config.vocab_size})")
+        return token_ids
 
 
 def top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -339,14 +223,15 @@ def top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return values.float(), token_ids.long()
 
 
-def _attention_mask(past: list[int], lengths: list[int], device: torch.device) -> Tensor | None:
-    """Boolean (B, 1, T, S) mask: query j of request b sees cached/new keys s <= past[b] + j."""
-    if len(past) == 1 and lengths[0] == 1:
-        return None  # one new token sees its whole cache
-    S = max(p + n for p, n in zip(past, lengths, strict=True))
-    T = max(lengths)
-    last_visible = torch.tensor(past).view(-1, 1, 1) + torch.arange(T).view(1, T, 1)  # (B, T, 1)
-    return (torch.arange(S).view(1, 1, S) <= last_visible).unsqueeze(1).to(device)  # (B, 1, T, S)
+def ranked_top_k(logits: Tensor, k: int) -> Tensor:
+    """(B, vocab) logits -> (B, 2k) int32 on the same device: the k largest values as float32 bits, then their
+    token ids, ranked by exact float32 value descending, then lower id (as argmax breaks ties). Graph-safe."""
+    values, token_ids = torch.topk(logits, k, dim=-1)  # (B, k), largest first, ties in any order
+    token_ids, order = token_ids.sort(dim=-1)  # lower id first ...
+    values = values.gather(-1, order).float()  # exact: float16 and bfloat16 values widen without rounding
+    values, order = values.sort(dim=-1, descending=True, stable=True)  # ... kept among equal values
+    token_ids = token_ids.gather(-1, order)
+    return torch.cat([values.view(torch.int32), token_ids.int()], dim=-1)
 
 
 def _local_name(name: str, start: int) -> str:
