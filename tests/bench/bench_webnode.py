@@ -34,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from playwright.async_api import Browser, Page, async_playwright
 
-from services.common import server
 from services.common.gpt2.model import GPT2Stage
 from services.common.model_config_pb import model_config_to_pb
 from services.common.pb import common_pb2, gateway_pb2
@@ -48,11 +47,6 @@ from services.wire.gateway_client import GatewayClient
 from services.wire.steps import Step, StepFailed
 from tests.integration.gateway_fixtures import RunningGateway, running_gateway, stage
 from tests.webnode.conftest import CHROMIUM, CHROMIUM_ARGS, page_url
-
-# The in-process gateway's gRPC server must take the client's 20 s keepalive pings during steps that take minutes
-# (an older page's 10-token prefill on a busy machine); with gRPC's default (a ping without data at most every
-# 5 min) it answers GOAWAY too_many_pings and the step fails. The services need it too (services/common/server.py).
-server.CHANNEL_OPTIONS.append(("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000))
 
 # "The quick brown fox jumps over the lazy dog." (10 tokens) and its first 4: the two prefill shapes.
 PROMPT = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13]
