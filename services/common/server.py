@@ -31,6 +31,15 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.http2.max_pings_without_data", 0),  # keep pinging a stream that waits on a long step
+]
+# Servers accept those pings: by default a server allows one per 5 minutes without data and answers more with
+# GOAWAY too_many_pings, which broke a Run stream whose step took over a minute (a browser node's prefill).
+SERVER_OPTIONS = [
+    *CHANNEL_OPTIONS,
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
 ]
 
 
@@ -180,7 +189,7 @@ class GrpcServer:
         self.service = service
         self.grace_s = grace_s
         interceptor = ServiceInterceptor(service, api_tokens)
-        self.server = grpc.aio.server(interceptors=[interceptor], options=CHANNEL_OPTIONS)
+        self.server = grpc.aio.server(interceptors=[interceptor], options=SERVER_OPTIONS)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.names = list(service_names)

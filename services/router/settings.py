@@ -41,7 +41,7 @@ class RouterSettings(ServiceSettings):
     activation_dtype: Literal["float16", "float32", "int8"] = Field(
         "float16", description="Wire dtype of activations between stages."
     )
-    max_batch: int = Field(32, gt=0, description="Most requests in one pipeline step.")
+    max_batch: int = Field(32, gt=0, le=1024, description="Most requests in one pipeline step (SYN1: 1,024 frames).")
     prefill_chunk: int = Field(
         256,
         gt=0,

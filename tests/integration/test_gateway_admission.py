@@ -7,11 +7,13 @@ import asyncio
 import json
 import logging
 
+import grpc
 import pytest
 from prometheus_client import REGISTRY
 from websockets.asyncio.client import connect
 
-from services.common.pb import common_pb2, gateway_pb2
+from services.common.pb import common_pb2, gateway_pb2, gateway_pb2_grpc
+from services.common.server import CHANNEL_OPTIONS
 from services.gateway.admission import CLOSE_POLICY, CLOSE_RATE_LIMITED, CLOSE_TOO_BIG, CLOSE_TRY_AGAIN_LATER
 from services.wire import syn1
 from tests.integration.gateway_fixtures import (
@@ -192,3 +194,20 @@ async def test_every_refusal_is_logged_and_counted_once(caplog: pytest.LogCaptur
     assert big.node == "big" and big.address == "127.0.0.1" and "exceeds limit of 4096 bytes" in big.error
     assert next(record for record in logged if record.reason == "hello_timeout").node == "-"
     assert CLOSE_TOO_BIG == 1009
+
+
+@pytest.mark.timeout(60)
+async def test_a_stream_that_waits_long_survives_the_clients_keepalive_pings() -> None:
+    """A call with no data for a long time (a step a browser computes for minutes, a quiet WatchNodes): the
+    client pings it, and the server must not answer GOAWAY too_many_pings. Pings here come every second (the
+    client's floor); gRPC's default server answered the third with GOAWAY."""
+    pinging = {"grpc.keepalive_time_ms": 1000, "grpc.http2.max_pings_without_data": 0}
+    options = [*(o for o in CHANNEL_OPTIONS if o[0] not in pinging), *pinging.items()]
+    async with running_gateway() as gateway, grpc.aio.insecure_channel(gateway.address, options=options) as channel:
+        call = gateway_pb2_grpc.GatewayServiceStub(channel).WatchNodes(gateway_pb2.WatchNodesRequest())
+        await asyncio.sleep(6)  # six pings without data
+        node = await FakeNode.join(gateway.ws_url, "late")
+        event = await asyncio.wait_for(call.read(), 10)
+        assert event.node.node_id == "late"
+        call.cancel()
+        await node.close()

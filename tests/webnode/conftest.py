@@ -1,8 +1,10 @@
-"""Browser fixtures for the web node tests: one headless Chromium per test module (Playwright, Debian's chromium),
-WebGPU on the CPU through SwiftShader, pages with their console and network logs kept for assertions.
+"""Fixtures of the web node tests: wgpu-py devices for the WGSL kernel tests; for the page tests one headless
+Chromium per test module (Playwright, Debian's chromium), WebGPU on the CPU through SwiftShader, pages with their
+console, network and WebSocket logs kept for assertions; and an in-process sharder (of a tiny GPT-2 with GPT-2's
+vocabulary) and gateway, one per module.
 
-The kernel tests in this folder (wgpu-py) use none of this. Tests that use these fixtures run on the module's
-event loop: put `pytestmark = pytest.mark.asyncio(loop_scope="module")` in the module.
+Tests that use the browser fixtures run on the module's event loop: put
+`pytestmark = pytest.mark.asyncio(loop_scope="module")` in the module.
 """
 
 from __future__ import annotations
@@ -10,10 +12,26 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
+import wgpu
 from playwright.async_api import Browser, BrowserContext, ConsoleMessage, Page, Request, async_playwright
+
+from services.common.pb import sharder_pb2_grpc
+from services.common.server import channel
+from services.sharder.__main__ import start_sharder
+from services.sharder.catalog import Catalog
+from services.sharder.settings import SharderSettings
+from services.wire.gateway_client import GatewayClient
+from tests.checkpoints import make_random_checkpoint
+from tests.integration.gateway_fixtures import RunningGateway, running_gateway
+from tests.webnode.wgsl_runner import NoAdapter, WgslRunner, request_adapter, request_f16_adapter
+
+# The page tests' model: GPT-2's real vocabulary (so the LM head and the 3-pass top-K have GPT-2's width) on a
+# tiny body.
+SHAPE = dict(n_layer=4, n_head=4, n_embd=64, vocab_size=50257, n_positions=64)
 
 CHROMIUM = "/usr/bin/chromium"
 # --enable-unsafe-webgpu alone gives a SwiftShader (Vulkan on the CPU) adapter in headless Chromium; the
@@ -41,6 +59,32 @@ PROBE_SCRIPT = """async () => {
 }"""
 
 
+# ---- wgpu-py, for the kernel tests ----
+
+
+@pytest.fixture(scope="module")
+def adapter() -> wgpu.GPUAdapter:
+    try:
+        return request_adapter()
+    except NoAdapter as error:
+        print(f"skipping the WGSL kernel tests: {error}")
+        pytest.skip(str(error))
+
+
+@pytest.fixture(scope="module")
+def gpu(adapter: wgpu.GPUAdapter) -> WgslRunner:
+    return WgslRunner(adapter)
+
+
+@pytest.fixture(scope="module")
+def gpu_f16() -> WgslRunner:
+    """A device with shader-f16. It fails rather than skips: setup installs lavapipe, which has it."""
+    return WgslRunner(request_f16_adapter(), shader_f16=True)
+
+
+# ---- Chromium, for the page tests ----
+
+
 @dataclass
 class NodePage:
     """A page (in its own browser context) with what it logged and every URL it requested."""
@@ -49,6 +93,7 @@ class NodePage:
     context: BrowserContext
     console: list[str] = field(default_factory=list)
     requests: list[str] = field(default_factory=list)
+    websockets: list[str] = field(default_factory=list)  # URL of every WebSocket the page opened
 
     async def state(self) -> dict:
         return await self.page.evaluate("JSON.parse(JSON.stringify(window.synapse ?? null))")
@@ -113,6 +158,7 @@ async def open_page(browser: Browser) -> AsyncIterator[OpenPage]:
         page.on("console", lambda message: node_page.console.append(_console_line(message)))
         page.on("pageerror", lambda error: node_page.console.append(f"pageerror: {error}"))
         page.on("request", lambda request: node_page.requests.append(_request_url(request)))
+        page.on("websocket", lambda websocket: node_page.websockets.append(websocket.url))
         pages.append(node_page)
         await page.goto(url)
         return node_page
@@ -134,3 +180,46 @@ def page_url(ws_port: int, **query: object) -> str:
     """The web node page as a gateway serves it, from http://localhost (a secure context)."""
     text = "&".join(f"{key}={value}" for key, value in query.items())
     return f"http://localhost:{ws_port}/" + (f"?{text}" if text else "")
+
+
+# ---- the services the pages talk to ----
+
+
+@dataclass
+class Sharder:
+    stub: sharder_pb2_grpc.ShardServiceStub
+    catalog: Catalog
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_random_checkpoint(tmp_path_factory.mktemp("model") / "tiny-gpt2", seed=11, **SHAPE)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def sharder(checkpoint_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Sharder]:
+    """The real sharder writing float16 shards (the default): the page unpacks them to f32 on the GPU."""
+    settings = SharderSettings(
+        host="127.0.0.1", port=0, http_host="127.0.0.1", http_port=0, metrics_port=None, model=str(checkpoint_dir),
+        shards_dir=tmp_path_factory.mktemp("shards"), dtype="float16", shutdown_grace_s=0.2,
+    )  # fmt: skip
+    server, runner, catalog = await start_sharder(settings)
+    upstream = channel(server.address)
+    yield Sharder(sharder_pb2_grpc.ShardServiceStub(upstream), catalog)
+    await upstream.close()
+    await server.stop()
+    await runner.cleanup()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def gateway() -> AsyncIterator[RunningGateway]:
+    async with running_gateway(heartbeat_s=1.0, heartbeat_timeout_s=5.0, step_timeout_s=60.0) as running:
+        yield running
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def client(gateway: RunningGateway) -> AsyncIterator[GatewayClient]:
+    """The router's own client for the gateway's Run stream."""
+    client = GatewayClient(gateway.address)
+    yield client
+    await client.close()

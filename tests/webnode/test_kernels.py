@@ -1,185 +1,54 @@
-"""The web node's WGSL kernels, run through wgpu-py against numpy and against transformers' GPT-2.
+"""Every WGSL kernel of the web node, and the f16 twins the page generates, run through wgpu-py against numpy.
 
-Longer than most test files: it holds one reference per kernel plus a small GPT-2 driver (GpuGpt2)
-that chains the kernels exactly as the page does, with the dispatch rules of each kernel's header.
+Matmuls run with the shapes webnode/js/shapes.js picks for their row count (for GPU and for CPU adapters)
+and with a few more; tests/webnode/test_kernels_gpt2.py chains the kernels into GPT-2.
 """
 
 from __future__ import annotations
 
 import math
-import re
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import wgpu
-from transformers import GPT2LMHeadModel
 
-from tests.checkpoints import load_reference, make_random_checkpoint
-from tests.webnode.wgsl_runner import (
-    KERNEL_DIR,
-    BufferRange,
-    NoAdapter,
-    WgslRunner,
-    linear_groups,
-    request_adapter,
+from tests.webnode.kernel_calls import (
+    INVALID,
+    LOWEST,
+    Shape,
+    attention_params,
+    attention_reference,
+    ceil_div,
+    gelu_new,
+    layernorm_reference,
+    matvec_shape,
+    max_error,
+    normal,
+    page_shape,
+    rng,
+    row_meta_buffer,
+    run_attention,
+    run_kv_append,
+    run_layernorm,
+    run_matmul,
+    run_topk,
+    tiled_shape,
+    topk_reference,
 )
-
-Binding = wgpu.GPUBuffer | BufferRange
-INVALID = 0xFFFFFFFF
-LOWEST = np.float32(-3.0e38)
+from tests.webnode.wgsl_runner import KERNEL_DIR, WgslRunner, f16_twins, linear_groups
 
 
-@pytest.fixture(scope="module")
-def adapter() -> wgpu.GPUAdapter:
-    try:
-        return request_adapter()
-    except NoAdapter as error:
-        print(f"skipping the WGSL kernel tests: {error}")
-        pytest.skip(str(error))
-
-
-@pytest.fixture(scope="module")
-def gpu(adapter: wgpu.GPUAdapter) -> WgslRunner:
-    return WgslRunner(adapter)
-
-
-@pytest.fixture(scope="module")
-def gpu_f16(adapter: wgpu.GPUAdapter) -> WgslRunner:
-    if "shader-f16" not in adapter.features:
-        reason = f"adapter {adapter.info['device']} ({adapter.info['backend_type']}) lacks shader-f16"
-        print(f"skipping the f16 kernel tests: {reason}")
-        pytest.skip(reason)
-    return WgslRunner(adapter, shader_f16=True)
-
-
-def rng(seed: int) -> np.random.Generator:
-    return np.random.default_rng(seed)
-
-
-def normal(generator: np.random.Generator, *shape: int, scale: float = 1.0) -> np.ndarray:
-    return (generator.standard_normal(shape) * scale).astype(np.float32)
-
-
-def max_error(actual: np.ndarray, expected: np.ndarray) -> float:
-    return float(np.max(np.abs(actual.astype(np.float64) - expected)))
-
-
-# ---- dispatch helpers: each follows the "Dispatch:" line of its kernel's header ----
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def run_matmul(
-    gpu: WgslRunner, x: Binding, w: Binding, bias: Binding, out: Binding, m: int, k: int, n: int,
-    *, activation: int = 0, wx: int = 16, wy: int = 16, kernel: str = "matmul",
-) -> None:  # fmt: skip
-    constants = {"WORKGROUP_X": wx, "WORKGROUP_Y": wy, "ACTIVATION": activation}
-    groups = (ceil_div(n, 4 * wx), ceil_div(m, 4 * wy), 1)
-    gpu.dispatch(kernel, [gpu.uniform(m, k, n), x, w, bias, out], groups, constants)
-
-
-def run_lm_head(
-    gpu: WgslRunner, x: Binding, wte: Binding, logits: Binding, m: int, k: int, n: int, out_stride: int,
-    out_offset: int = 0, *, wx: int = 16, wy: int = 16, kernel: str = "lm_head",
-) -> None:  # fmt: skip
-    params = gpu.uniform(m, k, n, out_stride, out_offset)
-    groups = (ceil_div(n, 4 * wx), ceil_div(m, 4 * wy), 1)
-    gpu.dispatch(kernel, [params, x, wte, logits], groups, {"WORKGROUP_X": wx, "WORKGROUP_Y": wy})
-
-
-def run_layernorm(
-    gpu: WgslRunner, x: Binding, weight: Binding, bias: Binding, out: Binding, rows: int, n_embd: int,
-    *, workgroup: int = 128,
-) -> None:  # fmt: skip
-    params = gpu.uniform(rows, n_embd, 1e-5)
-    gpu.dispatch("layernorm", [params, x, weight, bias, out], (rows, 1, 1), {"WORKGROUP_SIZE": workgroup})
-
-
-def attention_params(
-    gpu: WgslRunner, rows: int, n_embd: int, n_head: int, max_positions: int, slots: int
-) -> wgpu.GPUBuffer:
-    return gpu.uniform(rows, n_embd, n_head, max_positions, slots)
-
-
-def run_kv_append(
-    gpu: WgslRunner, params: Binding, qkv: Binding, row_meta: Binding, k_cache: Binding, v_cache: Binding,
-    rows: int, n_embd: int,
-) -> None:  # fmt: skip
-    gpu.dispatch("kv_append", [params, qkv, row_meta, k_cache, v_cache], (ceil_div(n_embd, 64), rows, 1))
-
-
-def run_attention(
-    gpu: WgslRunner, params: Binding, qkv: Binding, row_meta: Binding, k_cache: Binding, v_cache: Binding,
-    out: Binding, rows: int, n_head: int, *, workgroup: int = 64,
-) -> None:  # fmt: skip
-    bindings = [params, qkv, row_meta, k_cache, v_cache, out]
-    gpu.dispatch("attention", bindings, (n_head, rows, 1), {"WORKGROUP_SIZE": workgroup})
-
-
-def run_topk(
-    gpu: WgslRunner, values: Binding, rows: int, n: int, k: int, *, chunk: int = 1024, workgroup: int = 256
-) -> tuple[np.ndarray, np.ndarray]:
-    """All passes of topk.wgsl over a (rows, n) buffer; returns the (rows, k) values and indices."""
-    assert 2 * k <= chunk, "topk.wgsl needs k <= CHUNK / 2 for every pass to shrink the candidates"
-    indices = gpu.empty(1, np.uint32)
-    indexed = False
-    while True:
-        chunks = ceil_div(n, chunk)
-        out_values, out_indices = gpu.empty(rows * chunks * k), gpu.empty(rows * chunks * k, np.uint32)
-        constants = {"WORKGROUP_SIZE": workgroup, "CHUNK": chunk, "INDEXED": indexed}
-        bindings = [gpu.uniform(rows, n, k), values, indices, out_values, out_indices]
-        gpu.dispatch("topk", bindings, (chunks, rows, 1), constants)
-        if chunks == 1:
-            return gpu.read(out_values, (rows, k)), gpu.read(out_indices, (rows, k), np.uint32)
-        values, indices, n, indexed = out_values, out_indices, chunks * k, True
-
-
-def row_meta_buffer(gpu: WgslRunner, placements: list[tuple[int, int]]) -> wgpu.GPUBuffer:
-    return gpu.storage(np.array(placements, np.uint32).reshape(-1))
-
-
-# ---- numpy references ----
-
-
-def gelu_new(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
-
-
-def layernorm_reference(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float = 1e-5) -> np.ndarray:
-    x = x.astype(np.float64)
-    mean = x.mean(-1, keepdims=True)
-    variance = ((x - mean) ** 2).mean(-1, keepdims=True)
-    return (x - mean) / np.sqrt(variance + eps) * weight + bias
-
-
-def attention_reference(
-    q_row: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, slot: int, position: int, n_head: int
-) -> np.ndarray:
-    """Output (n_embd,) of one row attending over cache positions [0, position] of its slot."""
-    head_dim = q_row.size // n_head
-    outputs = []
-    for h in range(n_head):
-        q = q_row[h * head_dim : (h + 1) * head_dim].astype(np.float64)
-        keys = k_cache[slot, h, : position + 1].astype(np.float64)
-        scores = keys @ q / math.sqrt(head_dim)
-        weights = np.exp(scores - scores.max())
-        outputs.append(weights / weights.sum() @ v_cache[slot, h, : position + 1])
-    return np.concatenate(outputs)
-
-
-def topk_reference(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row: the k largest, ties by lower index (a stable sort of -value)."""
-    order = np.argsort(-values, axis=-1, kind="stable")[:, :k]
-    return np.take_along_axis(values, order, -1), order
-
-
-# ---- one test (or a few) per kernel ----
+def embed(gpu: WgslRunner, ids: np.ndarray, positions: list[int], wte: np.ndarray, wpe: np.ndarray, out,
+          *, pieces: list[tuple[int, int]] | None = None, workgroup: int = 64, suffix: str = "") -> None:  # fmt: skip
+    """embedding.wgsl over the token table transposed (as the page uploads it), one dispatch per piece."""
+    rows, n_embd = len(ids), wte.shape[1]
+    shared = [gpu.storage(ids), row_meta_buffer(gpu, [(0, p) for p in positions])]
+    for start, count in pieces or [(0, wte.shape[0])]:
+        params = gpu.uniform(rows, n_embd, start, count, wpe.shape[0])
+        piece = gpu.storage(np.ascontiguousarray(wte[start : start + count].T))
+        groups = (ceil_div(n_embd, workgroup), rows, 1)
+        bindings = [params, *shared, piece, gpu.storage(wpe), out]
+        gpu.dispatch("embedding" + suffix, bindings, groups, {"WORKGROUP_SIZE": workgroup})
 
 
 @pytest.mark.parametrize(("rows", "n_embd", "workgroup"), [(1, 48, 64), (5, 200, 64), (3, 7, 32)])
@@ -188,41 +57,29 @@ def test_embedding(gpu: WgslRunner, rows: int, n_embd: int, workgroup: int) -> N
     vocab, n_positions = 97, 64
     wte, wpe = normal(g, vocab, n_embd), normal(g, n_positions, n_embd)
     ids = g.integers(0, vocab, rows).astype(np.uint32)
-    positions = g.integers(0, n_positions, rows)
+    positions = list(g.integers(0, n_positions, rows))
     out = gpu.empty(rows * n_embd)
-    params = gpu.uniform(rows, n_embd, 0, vocab, n_positions)
-    bindings = [params, gpu.storage(ids), row_meta_buffer(gpu, [(0, p) for p in positions])]
-    bindings += [gpu.storage(wte), gpu.storage(wpe), out]
-    gpu.dispatch("embedding", bindings, (ceil_div(n_embd, workgroup), rows, 1), {"WORKGROUP_SIZE": workgroup})
+    embed(gpu, ids, positions, wte, wpe, out, workgroup=workgroup)
     assert max_error(gpu.read(out, (rows, n_embd)), wte[ids] + wpe[positions]) == 0.0
 
 
 def test_embedding_in_pieces(gpu: WgslRunner) -> None:
-    """A token table bound in two pieces (binding offsets): each dispatch writes the rows it holds."""
+    """A token table bound in two pieces: each dispatch writes the rows whose ids it holds."""
     g = rng(2)
-    vocab, n_embd, rows, split = 97, 48, 6, 64  # 64 rows * 192 B is a multiple of the 256 B alignment
-    wte, wpe = normal(g, vocab, n_embd), normal(g, 64, n_embd)
-    ids = np.array([0, 63, 64, 96, 5, 70], np.uint32)
-    positions = [3, 0, 63, 1, 2, 9]
-    wte_buffer, out = gpu.storage(wte), gpu.empty(rows * n_embd)
-    shared = [gpu.storage(ids), row_meta_buffer(gpu, [(1, p) for p in positions])]
-    for start, count in ((0, split), (split, vocab - split)):
-        piece = (wte_buffer, start * n_embd * 4, count * n_embd * 4)
-        params = gpu.uniform(rows, n_embd, start, count, 64)
-        gpu.dispatch("embedding", [params, *shared, piece, gpu.storage(wpe), out], (1, rows, 1))
-    assert max_error(gpu.read(out, (rows, n_embd)), wte[ids] + wpe[positions]) == 0.0
+    wte, wpe = normal(g, 97, 48), normal(g, 64, 48)
+    ids, positions = np.array([0, 63, 64, 96, 5, 70], np.uint32), [3, 0, 63, 1, 2, 9]
+    out = gpu.empty(6 * 48)
+    embed(gpu, ids, positions, wte, wpe, out, pieces=[(0, 64), (64, 33)])
+    assert max_error(gpu.read(out, (6, 48)), wte[ids] + wpe[positions]) == 0.0
 
 
 def test_embedding_leaves_rows_out_of_range_alone(gpu: WgslRunner) -> None:
     g = rng(15)
-    n_embd, vocab, n_positions = 8, 97, 64
-    wte, wpe = normal(g, vocab, n_embd), normal(g, n_positions, n_embd)
+    wte, wpe = normal(g, 97, 8), normal(g, 64, 8)
     ids, positions = np.array([3, 97, 5], np.uint32), [1, 2, 64]  # id past the table; position past wpe
-    out = gpu.storage(np.full((3, n_embd), 7.0, np.float32))
-    bindings = [gpu.uniform(3, n_embd, 0, vocab, n_positions), gpu.storage(ids)]
-    bindings += [row_meta_buffer(gpu, [(0, p) for p in positions]), gpu.storage(wte), gpu.storage(wpe), out]
-    gpu.dispatch("embedding", bindings, (1, 3, 1))
-    actual = gpu.read(out, (3, n_embd))
+    out = gpu.storage(np.full((3, 8), 7.0, np.float32))
+    embed(gpu, ids, positions, wte, wpe, out)
+    actual = gpu.read(out, (3, 8))
     assert max_error(actual[0], wte[3] + wpe[1]) == 0.0
     assert np.all(actual[1:] == 7.0)
 
@@ -237,55 +94,88 @@ def test_layernorm(gpu: WgslRunner, rows: int, n_embd: int, workgroup: int) -> N
     assert max_error(gpu.read(out, (rows, n_embd)), layernorm_reference(x, weight, bias)) < 3e-5
 
 
-MATMUL_SHAPES = [(1, 48, 144), (3, 97, 1), (97, 48, 97), (7, 33, 50), (1, 1, 3), (65, 130, 67)]
+MATMUL_SIZES = [(1, 48, 144), (3, 97, 1), (10, 64, 300), (7, 33, 50), (1, 1, 3), (17, 40, 70), (65, 130, 67)]
+# Beyond what the page picks: matvec with the other row and column counts, tiled blocks of every height.
+MORE_SHAPES = {
+    "matvec 3 rows 1 column": matvec_shape(3, 1, 32),
+    "matvec 8 rows 8 columns": matvec_shape(8, 8, 16),
+    "tiled 4 x 256": tiled_shape(64, 1),
+    "tiled 2 x 64 (rows per thread 1)": tiled_shape(16, 2, 1),
+    "tiled 16 x 32": tiled_shape(8, 4, 4, 8),
+}
 
 
-@pytest.mark.parametrize(("m", "k", "n"), MATMUL_SHAPES)
-@pytest.mark.parametrize(("wx", "wy"), [(16, 16), (64, 1), (8, 4)])
-def test_matmul(gpu: WgslRunner, m: int, k: int, n: int, wx: int, wy: int) -> None:
+def shape_for(name: str, m: int) -> Shape:
+    return page_shape(m, name.split()[1]) if name.startswith("page") else MORE_SHAPES[name]
+
+
+@pytest.mark.parametrize(("m", "k", "n"), MATMUL_SIZES)
+@pytest.mark.parametrize("shape_name", ["page gpu", "page cpu", *MORE_SHAPES])
+def test_matmul_and_matvec(gpu: WgslRunner, m: int, k: int, n: int, shape_name: str) -> None:
     g = rng(m * 1000 + k + n)
     x, w, bias = normal(g, m, k), normal(g, k, n, scale=1 / math.sqrt(k)), normal(g, n)
     out = gpu.empty(m * n)
-    run_matmul(gpu, gpu.storage(x), gpu.storage(w), gpu.storage(bias), out, m, k, n, wx=wx, wy=wy)
-    expected = x.astype(np.float64) @ w + bias
-    assert max_error(gpu.read(out, (m, n)), expected) < 1e-5
+    run_matmul(gpu, gpu.storage(x), gpu.storage(w), gpu.storage(bias), out, m, k, n, shape_for(shape_name, m))
+    assert max_error(gpu.read(out, (m, n)), x.astype(np.float64) @ w + bias) < 1e-5
 
 
-@pytest.mark.parametrize(("m", "k", "n"), [(3, 48, 192), (1, 97, 33)])
-def test_matmul_gelu(gpu: WgslRunner, m: int, k: int, n: int) -> None:
+def test_the_page_picks_matvec_for_few_rows_and_tiles_sized_to_the_rows() -> None:
+    for m in range(1, 17):
+        assert page_shape(m, "gpu")["kernel"] == "matvec" and page_shape(m, "gpu")["rowsPerGroup"] <= 8
+    assert page_shape(10, "gpu")["rowsPerGroup"] == 5  # two groups of 5 rows, none wasted
+    for m in range(17, 301):
+        shape = page_shape(m, "gpu")
+        padded = ceil_div(m, shape["rowsPerGroup"]) * shape["rowsPerGroup"]
+        assert shape["kernel"] == "matmul" and padded - m < 16, (m, shape)
+        assert page_shape(m, "cpu")["kernel"] == "matvec"
+
+
+@pytest.mark.parametrize(("m", "k", "n"), [(3, 48, 192), (1, 97, 33), (20, 48, 70)])
+@pytest.mark.parametrize("adapter_kind", ["gpu", "cpu"])
+def test_matmul_gelu(gpu: WgslRunner, m: int, k: int, n: int, adapter_kind: str) -> None:
     g = rng(4)
     x, w, bias = normal(g, m, k, scale=2.0), normal(g, k, n, scale=2 / math.sqrt(k)), normal(g, n)
     bias[:4] = [40.0, -40.0, 1e4, -1e4]  # saturated tanh, and x^3 far past the f32 range of exp
     out = gpu.empty(m * n)
-    run_matmul(gpu, gpu.storage(x), gpu.storage(w), gpu.storage(bias), out, m, k, n, activation=1)
+    buffers = gpu.storage(x), gpu.storage(w), gpu.storage(bias), out
+    run_matmul(gpu, *buffers, m, k, n, page_shape(m, adapter_kind), activation=1)
     expected = gelu_new(x.astype(np.float64) @ w + bias)
     actual = gpu.read(out, (m, n))
     assert np.all(np.isfinite(actual))
-    assert max_error(actual, expected) < 2e-5 * max(1.0, float(np.abs(expected).max()) / 100)
+    tolerance = 2e-5 * max(1.0, float(np.abs(expected).max()) / 100)
+    assert max_error(actual, expected) < tolerance
     torch_gelu = torch.nn.functional.gelu(torch.from_numpy(x.astype(np.float64) @ w + bias), approximate="tanh")
-    assert max_error(actual, torch_gelu.numpy()) < 2e-5 * max(1.0, float(np.abs(expected).max()) / 100)
+    assert max_error(actual, torch_gelu.numpy()) < tolerance
+
+
+def lm_head(gpu: WgslRunner, x: np.ndarray, wte: np.ndarray, pieces: list[tuple[int, int]], shape: Shape,
+            suffix: str = "") -> np.ndarray:  # fmt: skip
+    """The page's LM head: a matmul without bias per transposed piece of wte, each into its logit columns."""
+    m, vocab = x.shape[0], wte.shape[0]
+    x_buffer, logits, unused = gpu.storage(x), gpu.empty(m * vocab), gpu.empty(4)
+    for start, count in pieces:
+        piece = gpu.storage(np.ascontiguousarray(wte[start : start + count].T))
+        run_matmul(gpu, x_buffer, piece, unused, logits, m, x.shape[1], count, shape,
+                   with_bias=False, out_stride=vocab, out_offset=start, suffix=suffix)  # fmt: skip
+    return gpu.read(logits, (m, vocab))
 
 
 @pytest.mark.parametrize(("m", "n_embd", "vocab"), [(1, 48, 97), (3, 48, 1000), (70, 20, 97)])
-@pytest.mark.parametrize(("wx", "wy"), [(16, 16), (64, 1)])
-def test_lm_head(gpu: WgslRunner, m: int, n_embd: int, vocab: int, wx: int, wy: int) -> None:
+@pytest.mark.parametrize("adapter_kind", ["gpu", "cpu"])
+def test_lm_head(gpu: WgslRunner, m: int, n_embd: int, vocab: int, adapter_kind: str) -> None:
     g = rng(5)
     x, wte = normal(g, m, n_embd), normal(g, vocab, n_embd, scale=0.5)
-    logits = gpu.empty(m * vocab)
-    run_lm_head(gpu, gpu.storage(x), gpu.storage(wte), logits, m, n_embd, vocab, vocab, wx=wx, wy=wy)
-    assert max_error(gpu.read(logits, (m, vocab)), x.astype(np.float64) @ wte.T) < 2e-5
+    logits = lm_head(gpu, x, wte, [(0, vocab)], page_shape(m, adapter_kind))
+    assert max_error(logits, x.astype(np.float64) @ wte.T) < 2e-5
 
 
-def test_lm_head_in_pieces(gpu: WgslRunner) -> None:
-    """wte bound as two row ranges (binding offset), each dispatch writing its columns of the logits."""
+@pytest.mark.parametrize("adapter_kind", ["gpu", "cpu"])
+def test_lm_head_in_pieces(gpu: WgslRunner, adapter_kind: str) -> None:
+    """wte in two transposed pieces, each dispatch writing its columns of the logits."""
     g = rng(6)
-    m, n_embd, vocab, split = 2, 48, 1000, 512  # 512 rows * 192 B: a multiple of 256 B
-    x, wte = normal(g, m, n_embd), normal(g, vocab, n_embd, scale=0.5)
-    x_buffer, wte_buffer, logits = gpu.storage(x), gpu.storage(wte), gpu.empty(m * vocab)
-    for start, count in ((0, split), (split, vocab - split)):
-        piece = (wte_buffer, start * n_embd * 4, count * n_embd * 4)
-        run_lm_head(gpu, x_buffer, piece, logits, m, n_embd, count, vocab, start)
-    assert max_error(gpu.read(logits, (m, vocab)), x.astype(np.float64) @ wte.T) < 2e-5
+    x, wte = normal(g, 20, 48), normal(g, 1000, 48, scale=0.5)
+    logits = lm_head(gpu, x, wte, [(0, 512), (512, 488)], page_shape(20, adapter_kind))
+    assert max_error(logits, x.astype(np.float64) @ wte.T) < 2e-5
 
 
 def test_residual_add(gpu: WgslRunner) -> None:
@@ -386,38 +276,30 @@ def test_attention_out_of_range_row_gets_zeros(gpu: WgslRunner) -> None:
     assert np.all(gpu.read(out, (2, n_embd)) == 0.0)
 
 
-# ---- f16 kernels (shader-f16) and their f32 twins ----
-
-F16_TWINS = {"matmul": ["w"], "lm_head": ["wte"], "embedding": ["wte", "wpe"]}
+# ---- the f16 twins (shader-f16), generated by webnode/js/twins.js ----
 
 
-def code_without_header(path: Path) -> str:
-    lines = path.read_text().splitlines()
-    return "\n".join(lines[next(i for i, line in enumerate(lines) if not line.startswith("//")) :])
+def test_f16_twins_are_generated_from_the_f32_kernels_alone() -> None:
+    """No _f16 file is kept; each twin is its f32 file with `enable f16;` and the Weight alias set to f16."""
+    twins = f16_twins()
+    assert sorted(twins) == ["embedding_f16", "matmul_f16", "matvec_f16"]
+    assert [path.stem for path in KERNEL_DIR.glob("*_f16.wgsl")] == ["unpack_f16"]  # a kernel, not a twin
+    for name, twin in twins.items():
+        source = (KERNEL_DIR / f"{name.removesuffix('_f16')}.wgsl").read_text()
+        assert source.count("\nalias Weight = f32;") == 1
+        assert twin == "enable f16;\n" + source.replace("\nalias Weight = f32;", "\nalias Weight = f16;")
 
 
-@pytest.mark.parametrize("kernel", sorted(F16_TWINS))
-def test_f16_twin_is_the_f32_kernel_with_f16_weights(kernel: str) -> None:
-    """The _f16 files are copies; this keeps them from drifting (the f16 tests skip on many adapters)."""
-    twin = code_without_header(KERNEL_DIR / f"{kernel}_f16.wgsl")
-    assert twin.lstrip().startswith("enable f16;")
-    twin = twin.replace("enable f16;", "", 1)
-    for name in F16_TWINS[kernel]:
-        twin = twin.replace(f"{name}: array<f16>;", f"{name}: array<f32>;")
-        twin = twin.replace(f"return f32({name}[i]);", f"return {name}[i];")
-    assert twin.strip() == code_without_header(KERNEL_DIR / f"{kernel}.wgsl").strip()
-    assert not re.search(r"\bf16\b", twin)
-
-
-def test_matmul_f16(gpu_f16: WgslRunner) -> None:
+def test_matmul_and_matvec_f16(gpu_f16: WgslRunner) -> None:
     g = rng(12)
     m, k, n = 5, 97, 67
     x, w, bias = normal(g, m, k), normal(g, k, n, scale=1 / math.sqrt(k)).astype(np.float16), normal(g, n)
-    out = gpu_f16.empty(m * n)
-    buffers = gpu_f16.storage(x), gpu_f16.storage(w), gpu_f16.storage(bias), out
-    run_matmul(gpu_f16, *buffers, m, k, n, activation=1, kernel="matmul_f16")
     expected = gelu_new(x.astype(np.float64) @ w.astype(np.float64) + bias)
-    assert max_error(gpu_f16.read(out, (m, n)), expected) < 2e-5
+    for shape in (matvec_shape(5), tiled_shape(16, 16)):
+        out = gpu_f16.empty(m * n)
+        buffers = gpu_f16.storage(x), gpu_f16.storage(w), gpu_f16.storage(bias), out
+        run_matmul(gpu_f16, *buffers, m, k, n, shape, activation=1, suffix="_f16")
+        assert max_error(gpu_f16.read(out, (m, n)), expected) < 2e-5, shape["kernel"]
 
 
 def test_lm_head_and_embedding_f16(gpu_f16: WgslRunner) -> None:
@@ -425,172 +307,18 @@ def test_lm_head_and_embedding_f16(gpu_f16: WgslRunner) -> None:
     m, n_embd, vocab = 3, 48, 97
     x, wte, wpe = normal(g, m, n_embd), normal(g, vocab, n_embd).astype(np.float16), normal(g, 64, n_embd)
     wpe = wpe.astype(np.float16)
-    logits = gpu_f16.empty(m * vocab)
-    run_lm_head(
-        gpu_f16, gpu_f16.storage(x), gpu_f16.storage(wte), logits, m, n_embd, vocab, vocab, kernel="lm_head_f16"
-    )
-    assert max_error(gpu_f16.read(logits, (m, vocab)), x.astype(np.float64) @ wte.astype(np.float64).T) < 2e-5
+    logits = lm_head(gpu_f16, x, wte, [(0, 64), (64, 33)], matvec_shape(3), suffix="_f16")
+    assert max_error(logits, x.astype(np.float64) @ wte.astype(np.float64).T) < 2e-5
 
     ids, positions = np.array([5, 96, 0], np.uint32), [0, 63, 7]
     out = gpu_f16.empty(m * n_embd)
-    params = gpu_f16.uniform(m, n_embd, 0, vocab, 64)
-    bindings = [params, gpu_f16.storage(ids), row_meta_buffer(gpu_f16, [(0, p) for p in positions])]
-    bindings += [gpu_f16.storage(wte), gpu_f16.storage(wpe), out]
-    gpu_f16.dispatch("embedding_f16", bindings, (1, m, 1))
+    embed(gpu_f16, ids, positions, wte, wpe, out, suffix="_f16")
     expected = wte[ids].astype(np.float32) + wpe[positions].astype(np.float32)
     assert max_error(gpu_f16.read(out, (m, n_embd)), expected) < 1e-6
 
 
-# ---- the kernels chained into GPT-2, against transformers ----
-
-MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-class GpuGpt2:
-    """GPT-2 on the WGSL kernels, dispatched as the page does it: a KV cache pair per layer, many requests a step.
-
-    weights: "f32" uploads f32 tensors; "unpacked-f16" uploads the f16 bits of every tensor and converts them
-    on the GPU with unpack_f16.wgsl (the path for adapters without shader-f16); "shader-f16" keeps the
-    matrices and embeddings in f16 for the *_f16 kernels and unpacks the small vectors.
-    """
-
-    def __init__(self, gpu: WgslRunner, model: GPT2LMHeadModel, *, slots: int, weights: str = "f32") -> None:
-        config = model.config
-        self.gpu, self.slots, self.mode = gpu, slots, weights
-        self.n_layer, self.n_head, self.n_embd = config.n_layer, config.n_head, config.n_embd
-        self.vocab, self.n_positions = config.vocab_size, config.n_positions
-        state = {name.removeprefix("transformer."): t for name, t in model.state_dict().items()}
-        self.weights = {name: self._upload(name, t.detach().float().numpy()) for name, t in state.items()}
-        cache_size = slots * self.n_positions * self.n_embd  # (slots, n_head, n_positions, head_dim)
-        self.caches = [(gpu.empty(cache_size), gpu.empty(cache_size)) for _ in range(self.n_layer)]
-        self.suffix = "_f16" if weights == "shader-f16" else ""
-
-    def _upload(self, name: str, array: np.ndarray) -> wgpu.GPUBuffer:
-        if self.mode == "f32":
-            return self.gpu.storage(array)
-        halves = array.astype(np.float16)
-        if self.mode == "shader-f16" and (name.endswith(MATRICES) or name in ("wte.weight", "wpe.weight")):
-            return self.gpu.storage(halves)
-        out = self.gpu.empty(halves.size)
-        groups = linear_groups(ceil_div(ceil_div(halves.size, 2), 256))
-        self.gpu.dispatch("unpack_f16", [self.gpu.uniform(halves.size), self.gpu.storage(halves), out], groups)
-        return out
-
-    def step(self, requests: list[tuple[int, int, list[int]]]) -> tuple[wgpu.GPUBuffer, int]:
-        """Run (slot, cache length before, new token ids) for each request; the logits buffer and its rows."""
-        placements = [(slot, start + t) for slot, start, tokens in requests for t in range(len(tokens))]
-        ids = np.array([token for _, _, tokens in requests for token in tokens], np.uint32)
-        rows, gpu, n_embd = len(placements), self.gpu, self.n_embd
-        row_meta = row_meta_buffer(gpu, placements)
-        x = gpu.empty(rows * n_embd)
-        params = gpu.uniform(rows, n_embd, 0, self.vocab, self.n_positions)
-        bindings = [params, gpu.storage(ids), row_meta, self.weights["wte.weight"], self.weights["wpe.weight"], x]
-        gpu.dispatch("embedding" + self.suffix, bindings, (ceil_div(n_embd, 64), rows, 1))
-        for layer in range(self.n_layer):
-            self.block(layer, x, rows, row_meta)
-        h, logits = gpu.empty(rows * n_embd), gpu.empty(rows * self.vocab)
-        run_layernorm(gpu, x, self.weights["ln_f.weight"], self.weights["ln_f.bias"], h, rows, n_embd)
-        wte, lm_head = self.weights["wte.weight"], "lm_head" + self.suffix
-        run_lm_head(gpu, h, wte, logits, rows, n_embd, self.vocab, self.vocab, kernel=lm_head)
-        return logits, rows
-
-    def block(self, layer: int, x: wgpu.GPUBuffer, rows: int, row_meta: wgpu.GPUBuffer) -> None:
-        """One transformer block on the residual stream x (rows, n_embd), in place."""
-        gpu, n_embd = self.gpu, self.n_embd
-        weight = {
-            name.removeprefix(f"h.{layer}."): b for name, b in self.weights.items() if name.startswith(f"h.{layer}.")
-        }
-        wx, wy = (64, 1) if rows <= 4 else (16, 16)  # decode-shaped blocks for a handful of rows
-
-        def linear(source: wgpu.GPUBuffer, part: str, k: int, n: int, activation: int = 0) -> wgpu.GPUBuffer:
-            out = gpu.empty(rows * n)
-            run_matmul(gpu, source, weight[f"{part}.weight"], weight[f"{part}.bias"], out, rows, k, n,
-                       activation=activation, wx=wx, wy=wy, kernel="matmul" + self.suffix)  # fmt: skip
-            return out
-
-        def residual_add(addend: wgpu.GPUBuffer) -> None:
-            count = rows * n_embd
-            gpu.dispatch("add", [gpu.uniform(count), x, addend], linear_groups(ceil_div(count, 256)))
-
-        h = gpu.empty(rows * n_embd)
-        run_layernorm(gpu, x, weight["ln_1.weight"], weight["ln_1.bias"], h, rows, n_embd)
-        qkv = linear(h, "attn.c_attn", n_embd, 3 * n_embd)
-        k_cache, v_cache = self.caches[layer]
-        params = attention_params(gpu, rows, n_embd, self.n_head, self.n_positions, self.slots)
-        run_kv_append(gpu, params, qkv, row_meta, k_cache, v_cache, rows, n_embd)
-        attended = gpu.empty(rows * n_embd)
-        run_attention(gpu, params, qkv, row_meta, k_cache, v_cache, attended, rows, self.n_head)
-        residual_add(linear(attended, "attn.c_proj", n_embd, n_embd))
-        run_layernorm(gpu, x, weight["ln_2.weight"], weight["ln_2.bias"], h, rows, n_embd)
-        hidden = linear(h, "mlp.c_fc", n_embd, 4 * n_embd, activation=1)
-        residual_add(linear(hidden, "mlp.c_proj", 4 * n_embd, n_embd))
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> GPT2LMHeadModel:
-    folder = tmp_path_factory.mktemp("gpt2")
-    make_random_checkpoint(folder, n_layer=2, n_head=3, n_embd=48, vocab_size=97, n_positions=64, seed=0)
-    return load_reference(folder)
-
-
-def rounded_to_f16(model: GPT2LMHeadModel) -> GPT2LMHeadModel:
-    """A copy of the model whose parameters are rounded to f16 (what the shard holds), computing in f32."""
-    rounded = type(model)(model.config).eval()
-    rounded.load_state_dict({name: t.half().float() for name, t in model.state_dict().items()})
-    return rounded
-
-
-def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
-    return max_error(actual, expected) / float(np.abs(expected).max())
-
-
-def test_gpt2_block_matches_transformers(gpu: WgslRunner, reference: GPT2LMHeadModel) -> None:
-    """Block 0 alone on a 9-token prompt: the GPU output equals transformers' hidden state after block 0."""
-    tokens = torch.arange(9) * 7 % 97
-    with torch.no_grad():
-        hidden = reference(tokens[None], output_hidden_states=True).hidden_states
-    model = GpuGpt2(gpu, reference, slots=1)
-    x = gpu.storage(hidden[0][0].numpy())
-    model.block(0, x, 9, row_meta_buffer(gpu, [(0, p) for p in range(9)]))
-    assert relative_error(gpu.read(x, (9, 48)), hidden[1][0].numpy()) < 1e-5
-
-
-@pytest.mark.parametrize("weights", ["f32", "unpacked-f16", "shader-f16"])
-def test_gpt2_prefill_then_decode_in_one_batch(
-    request: pytest.FixtureRequest, reference: GPT2LMHeadModel, weights: str
-) -> None:
-    """Two requests of different lengths, batched: prefill, then 3 decode steps through the KV cache.
-
-    Every row's logits are compared with transformers recomputing the whole sequence, the GPU top-k with
-    torch.topk, and the greedy token of each step must agree.
-    """
-    gpu = request.getfixturevalue("gpu_f16" if weights == "shader-f16" else "gpu")
-    torch_model = reference if weights == "f32" else rounded_to_f16(reference)
-    model = GpuGpt2(gpu, reference, slots=3, weights=weights)
-    g = rng(14)
-    sequences = {0: list(g.integers(0, 97, 11)), 2: list(g.integers(0, 97, 4))}  # slot -> tokens so far
-    new = {slot: list(tokens) for slot, tokens in sequences.items()}  # tokens not yet in the cache
-    k, worst = 10, 0.0
-    started = time.perf_counter()
-    for _ in range(4):  # prefill, then 3 decode steps
-        requests = [(slot, len(sequences[slot]) - len(new[slot]), new[slot]) for slot in sorted(sequences)]
-        logits_buffer, rows = model.step(requests)
-        logits = gpu.read(logits_buffer, (rows, 97))
-        top_values, top_indices = run_topk(gpu, logits_buffer, rows, 97, k)
-        row = 0
-        for slot, start, tokens in requests:
-            with torch.no_grad():
-                expected = torch_model(torch.tensor([sequences[slot]])).logits[0, start:].numpy()
-            actual = logits[row : row + len(tokens)]
-            worst = max(worst, relative_error(actual, expected))
-            assert worst <= 1e-3
-            expected_top = torch.topk(torch.from_numpy(actual), k)
-            np.testing.assert_array_equal(top_indices[row : row + len(tokens)], expected_top.indices.numpy())
-            np.testing.assert_array_equal(top_values[row : row + len(tokens)], expected_top.values.numpy())
-            assert np.array_equal(np.argmax(expected, -1), top_indices[row : row + len(tokens), 0])
-            next_token = int(top_indices[row + len(tokens) - 1, 0])
-            sequences[slot].append(next_token)
-            new[slot] = [next_token]
-            row += len(tokens)
-    print(f"GPT-2 2-layer prefill + 3 decode steps ({weights}) on {gpu.description}: "
-          f"{time.perf_counter() - started:.2f} s, max relative logit error {worst:.1e}")  # fmt: skip
+def test_every_kernel_file_has_a_test_that_names_it() -> None:
+    here = KERNEL_DIR.parents[1] / "tests" / "webnode"
+    tests = "".join(path.read_text() for path in (here / "test_kernels.py", here / "kernel_calls.py"))
+    for path in sorted(KERNEL_DIR.glob("*.wgsl")):
+        assert f'"{path.stem}"' in tests, f"{path.name} has no test that dispatches it by name"

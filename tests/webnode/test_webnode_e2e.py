@@ -72,11 +72,14 @@ async def generate_and_compare(stack: Stack, reference, stages: int) -> None:
 async def test_two_browser_pages_generate_the_greedy_tokens_of_transformers(
     open_page: OpenPage, stack: Stack, reference
 ) -> None:
+    """Pages joined one after the other: the first may be re-planned from the whole model to a part of it,
+    which it cuts from the shard it holds; neither page downloads a second shard."""
     pages = [await join(open_page, stack, f"web-{index}") for index in range(2)]
     await generate_and_compare(stack, reference, 2)
     states = [await page.state() for page in pages]
     for state in states:
         assert state["state"] == "ready" and state["stepsServed"] > 0, state
+        assert state["downloads"] == 1, state
     layers = sorted(tuple(state["layers"]) for state in states)
     assert layers[0][0] == 0 and layers[-1][1] == SHAPE["n_layer"] and layers[0][1] == layers[1][0]
 

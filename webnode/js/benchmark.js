@@ -13,12 +13,13 @@ const CONFIG = { n_layer: 3, n_head: 12, n_embd: 768, vocab_size: 1, n_positions
 /**
  * Layer forward passes per second for single-token decode over a `context`-token cache.
  * @param {import("./kernels.js").Kernels} kernels
- * @param {{f16: boolean, memoryBytes: number, maxBindingBytes: number}} gpu
+ * @param {{f16: boolean, cpu: boolean, memoryBytes: number, maxBindingBytes: number}} gpu
  */
-export async function measureSpeed(kernels, { f16, memoryBytes, maxBindingBytes }, { steps = 16, context = 32 } = {}) {
+export async function measureSpeed(kernels, gpu, { steps = 16, context = 32 } = {}) {
+  const { f16 } = gpu;
   const tensors = randomLayer(1, CONFIG.n_embd, f16);
   const manifest = { config: CONFIG, layer_start: 1, layer_end: 2, dtype: f16 ? "float16" : "float32" };
-  const stage = new Gpt2Stage(kernels, manifest, tensors, { f16, memoryBytes, maxBindingBytes, topK: 0 });
+  const stage = new Gpt2Stage(kernels, manifest, tensors, { ...gpu, topK: 0 });
   try {
     // Decode steps at positions context, context + 1, ...: attention reads that many cached keys. What the
     // cache holds does not change the time, so slot 0 is used as it is, without a prefill.

@@ -33,8 +33,8 @@ const MIB = 1 << 20;
 /**
  * The adapter and a device for the kernels.
  * @param {{forceF32?: boolean}} options forceF32 ignores shader-f16 (weights are unpacked to f32)
- * @returns {Promise<{adapter: GPUAdapter, device: GPUDevice, f16: boolean, description: string,
- *   limits: Record<string, number>, closing: boolean}>}
+ * @returns {Promise<{adapter: GPUAdapter, device: GPUDevice, f16: boolean, cpu: boolean, description: string,
+ *   limits: Record<string, number>, closing: boolean}>} cpu: a fallback (CPU) adapter such as SwiftShader
  */
 export async function openGpu({ forceF32 = false } = {}) {
   if (!globalThis.navigator?.gpu) {
@@ -54,7 +54,8 @@ export async function openGpu({ forceF32 = false } = {}) {
   for (const name of [...RAISED_LIMITS, "maxComputeWorkgroupsPerDimension", "minStorageBufferOffsetAlignment"]) {
     limits[name] = device.limits[name];
   }
-  return { adapter, device, f16, description: describeAdapter(adapter), limits, closing: false };
+  const cpu = Boolean(adapter.info?.isFallbackAdapter ?? adapter.isFallbackAdapter);
+  return { adapter, device, f16, cpu, description: describeAdapter(adapter), limits, closing: false };
 }
 
 /** Throws WebGpuUnavailable naming every limit below what the kernels need. */

@@ -1,18 +1,19 @@
-// The WGSL kernels of webnode/kernels/: fetched once, a pipeline per (file, override constants), uniform
-// params buffers, cached bind groups and the dispatch helper every forward pass goes through.
+// The WGSL kernels of webnode/kernels/: fetched once (their shader-f16 twins generated from them), a pipeline
+// per (kernel, override constants), uniform params buffers, cached bind groups and the dispatch helper.
+
+import { f16Twins } from "./twins.js";
 
 export const KERNEL_FILES = [
   "embedding",
   "layernorm",
   "matmul",
+  "matvec",
   "kv_append",
   "attention",
   "add",
-  "lm_head",
   "topk",
   "unpack_f16",
 ];
-export const F16_KERNEL_FILES = ["embedding_f16", "matmul_f16", "lm_head_f16"];
 /** Usage of every storage buffer: bindable, written by the queue, copied out for read-back. */
 export const storageUsage = () => GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_DST | GPUBufferUsage.COPY_SRC;
 
@@ -39,18 +40,19 @@ export class Kernels {
   /**
    * Fetch the kernel sources next to this module (../kernels/<name>.wgsl) and compile their modules.
    * @param {GPUDevice} device
-   * @param {{f16?: boolean, baseUrl?: URL}} options f16 also loads the shader-f16 twins
+   * @param {{f16?: boolean, baseUrl?: URL}} options f16 also compiles the shader-f16 twins (twins.js)
    */
   static async load(device, { f16 = false, baseUrl = new URL("../kernels/", import.meta.url) } = {}) {
-    const names = f16 ? [...KERNEL_FILES, ...F16_KERNEL_FILES] : KERNEL_FILES;
-    const sources = await Promise.all(
-      names.map(async (name) => {
+    const fetched = await Promise.all(
+      KERNEL_FILES.map(async (name) => {
         const response = await fetch(new URL(`${name}.wgsl`, baseUrl));
         if (!response.ok) throw new Error(`kernel ${name}.wgsl: HTTP ${response.status} ${response.statusText}`);
         return [name, await response.text()];
       }),
     );
-    return new Kernels(device, new Map(sources));
+    const sources = new Map(fetched);
+    if (f16) for (const [name, code] of f16Twins(sources)) sources.set(name, code);
+    return new Kernels(device, sources);
   }
 
   constructor(device, sources) {

@@ -3,7 +3,8 @@
 // Query parameters (all optional): gateway=<ws(s) URL>, node_id=<id>, join_token=<token from `synapse token`,
 // when the gateway asks for one>, speed=<layer passes/s> (skips the benchmark), memory_mib=<cap on the memory
 // probe>, max_binding_mib=<smaller storage bindings, to test the piecewise token table>, f16=off (ignore
-// shader-f16).
+// shader-f16), cpu=0|1 (treat the adapter as a GPU or as a CPU when picking matmul kernels and blocks,
+// js/shapes.js; detected from adapter.info.isFallbackAdapter otherwise).
 
 import { measureSpeed } from "./benchmark.js";
 import { gatewayUrl } from "./connection.js";
@@ -62,8 +63,9 @@ async function boot() {
     ui.showError(`${error.message} This page does not join the gateway.`, "unsupported");
     return;
   }
+  if (query.has("cpu")) gpu.cpu = query.get("cpu") === "1";
   Object.defineProperty(ui.status, "gpu", { value: gpu, enumerable: false }); // for diagnostics, not JSON
-  ui.update({ device: gpu.description, f16: gpu.f16, limits: gpu.limits });
+  ui.update({ device: gpu.description, f16: gpu.f16, cpu: gpu.cpu, limits: gpu.limits });
   let node = null;
   let failed = false; // a GPU failure before the node exists: it never joins
   watchDevice(gpu, (message) => {
@@ -83,7 +85,7 @@ async function boot() {
     (positiveNumber("max_binding_mib") ?? Infinity) * MIB,
   );
   ui.update({ memoryBytes: probe.totalBytes });
-  const sizes = { f16: gpu.f16, memoryBytes: probe.totalBytes, maxBindingBytes };
+  const sizes = { f16: gpu.f16, cpu: gpu.cpu, memoryBytes: probe.totalBytes, maxBindingBytes };
   const speed = positiveNumber("speed") ?? (await measureSpeed(kernels, sizes));
   ui.update({ speed });
   if (failed) return;

@@ -3,12 +3,11 @@
 
 import { KvCache } from "./cache.js";
 import { ceilDiv, linearGroups } from "./kernels.js";
+import { matmulGroups, matmulShape, topkWorkgroupSize } from "./shapes.js";
 import { uploadWeights, weightBytes } from "./weights.js";
 
 const MIB = 1 << 20;
 const MAX_SLOTS = 64;
-const TOPK_WORKGROUP = 256;
-const PREFILL_SHAPE = { WORKGROUP_X: 16, WORKGROUP_Y: 16 }; // 64 x 64 output blocks
 
 /**
  * @typedef {{n_layer: number, n_head: number, n_embd: number, vocab_size: number, n_positions: number,
@@ -24,9 +23,10 @@ export class Gpt2Stage {
    * @param {import("./kernels.js").Kernels} kernels
    * @param {{config: Gpt2Config, layer_start: number, layer_end: number, dtype: string}} manifest
    * @param {Map<string, import("./weights.js").Tensor>} tensors
-   * @param {{f16: boolean, memoryBytes: number, maxBindingBytes: number, topK: number}} options
+   * @param {{f16: boolean, cpu: boolean, memoryBytes: number, maxBindingBytes: number, topK: number}} options
+   *   cpu: a CPU (fallback) adapter, which gets matvec.wgsl for every row count (shapes.js)
    */
-  constructor(kernels, manifest, tensors, { f16, memoryBytes, maxBindingBytes, topK }) {
+  constructor(kernels, manifest, tensors, { f16, cpu, memoryBytes, maxBindingBytes, topK }) {
     const config = manifest.config;
     this.kernels = kernels;
     this.device = kernels.device;
@@ -45,10 +45,8 @@ export class Gpt2Stage {
     this.setTopK(topK);
     const headDim = this.nEmbd / this.nHead;
     this.attentionConstants = { WORKGROUP_SIZE: 64, MAX_HEAD_DIM: Math.max(128, headDim) };
-    // 4 x 256 blocks for a few rows; 64 x 64 otherwise. The 4 x 256 block's tiles take 16,640 bytes of
-    // workgroup memory, past the 16,384 core default: devices at the default get 8 x 128 blocks instead.
-    const wide = this.device.limits.maxComputeWorkgroupStorageSize >= 16640;
-    this.decodeShape = wide ? { WORKGROUP_X: 64, WORKGROUP_Y: 1 } : { WORKGROUP_X: 32, WORKGROUP_Y: 2 };
+    this.cpu = Boolean(cpu);
+    this.topkWorkgroup = topkWorkgroupSize({ cpu: this.cpu });
 
     const needed = weightBytes(tensors, { half: this.half });
     if (needed > memoryBytes) {
@@ -69,14 +67,14 @@ export class Gpt2Stage {
       maxSlots: Math.max(1, Math.min(MAX_SLOTS, bySize, byMemory)),
     });
     this.scratch = new Map(); // name -> GPUBuffer, grown on demand
-    this.dummy = kernels.empty(16, "unused indices"); // topk pass 1 binds it where it reads no indices
+    this.dummy = kernels.empty(16, "unused binding"); // topk pass 1 reads no indices, the LM head no bias
   }
 
   /** K of the top-K the last stage returns (0 = full logits); checked against workgroup memory. */
   setTopK(topK) {
     this.topK = Math.min(topK, this.vocab);
     this.chunk = Math.max(1024, 2 ** Math.ceil(Math.log2(Math.max(1, 2 * this.topK)))); // topk.wgsl: k <= CHUNK / 2
-    const needed = 8 * this.chunk + 12 * TOPK_WORKGROUP;
+    const needed = 8 * this.chunk + 12 * this.topkWorkgroup;
     const have = this.device.limits.maxComputeWorkgroupStorageSize;
     if (this.isLast && this.topK > 0 && needed > have) {
       throw new Error(`top_k ${topK} needs ${needed} bytes of workgroup memory; this GPU has ${have}`);
@@ -161,9 +159,9 @@ export class Gpt2Stage {
   blockParams(rows) {
     const k = this.kernels;
     const C = this.nEmbd;
-    const matmul = (inner, outer) => k.params(`matmul ${inner}x${outer}`, [rows, inner, outer]);
+    const matmul = (inner, outer) => k.params(`matmul ${inner}x${outer}`, [rows, inner, outer, outer, 0]);
     return {
-      shape: rows <= 4 ? this.decodeShape : PREFILL_SHAPE,
+      shape: matmulShape(rows, { cpu: this.cpu }),
       norm: k.params("layernorm", [rows, C, { f32: this.eps }]),
       attention: k.params("attention", [rows, C, this.nHead, this.nPositions, this.cache.slots]),
       add: k.params("add", [rows * C]),
@@ -185,10 +183,9 @@ export class Gpt2Stage {
     const { k: kCache, v: vCache } = this.cache.buffers[layer];
     const addGroups = linearGroups(ceilDiv(rows * C, 256));
     const linear = (input, name, uniform, outer, out, activation = 0) => {
-      const constants = { ...shape, ACTIVATION: activation };
-      const groups = [ceilDiv(outer, 4 * shape.WORKGROUP_X), ceilDiv(rows, 4 * shape.WORKGROUP_Y), 1];
+      const constants = { ...shape.constants, ACTIVATION: activation };
       const buffers = [uniform, input, w(`${name}.weight`), w(`${name}.bias`), out];
-      k.dispatch(pass, `matmul${this.suffix}`, constants, buffers, groups);
+      k.dispatch(pass, shape.kernel + this.suffix, constants, buffers, matmulGroups(shape, rows, outer));
     };
     k.dispatch(pass, "layernorm", {}, [norm, x, w("ln_1.weight"), w("ln_1.bias"), h], [rows, 1, 1]);
     linear(h, "attn.c_attn", matmul.attn, 3 * C, qkv);
@@ -203,7 +200,7 @@ export class Gpt2Stage {
     k.dispatch(pass, "add", {}, [add, x, projected], addGroups);
   }
 
-  /** ln_f, the tied LM head (a dispatch per wte piece) and the top-K passes over m rows. */
+  /** ln_f, the tied LM head (a matmul without bias per transposed wte piece) and the top-K passes over m rows. */
   async head(encoder, pass, last, m, read) {
     const k = this.kernels;
     const C = this.nEmbd;
@@ -213,11 +210,12 @@ export class Gpt2Stage {
     const lnF = [this.weights.get("ln_f.weight"), this.weights.get("ln_f.bias")];
     k.dispatch(pass, "layernorm", {}, [norm, last, ...lnF, normed], [m, 1, 1]);
     const logits = this.buffer("logits", m * V * 4);
-    const shape = m <= 4 ? this.decodeShape : PREFILL_SHAPE;
+    const shape = matmulShape(m, { cpu: this.cpu });
+    const constants = { ...shape.constants, BIAS: 0 };
     for (const [index, piece] of this.table.entries()) {
       const params = k.params(`lm_head ${index}`, [m, C, piece.count, V, piece.start]);
-      const groups = [ceilDiv(piece.count, 4 * shape.WORKGROUP_X), ceilDiv(m, 4 * shape.WORKGROUP_Y), 1];
-      k.dispatch(pass, `lm_head${this.suffix}`, shape, [params, normed, piece.buffer, logits], groups);
+      const buffers = [params, normed, piece.buffer, this.dummy, logits]; // no bias: any buffer at binding 3
+      k.dispatch(pass, shape.kernel + this.suffix, constants, buffers, matmulGroups(shape, m, piece.count));
     }
     if (this.topK === 0) {
       pass.end();
@@ -231,7 +229,7 @@ export class Gpt2Stage {
       const outValues = this.buffer(`topk values ${round % 2}`, m * chunks * K * 4);
       const outIndices = this.buffer(`topk indices ${round % 2}`, m * chunks * K * 4);
       const params = k.params(`topk ${round}`, [m, n, K]);
-      const constants = { WORKGROUP_SIZE: TOPK_WORKGROUP, CHUNK: this.chunk, INDEXED: indexed };
+      const constants = { WORKGROUP_SIZE: this.topkWorkgroup, CHUNK: this.chunk, INDEXED: indexed };
       k.dispatch(pass, "topk", constants, [params, values, indices, outValues, outIndices], [chunks, m, 1]);
       if (chunks === 1) {
         pass.end();

@@ -5,7 +5,7 @@ import { FrameError } from "../syn1.js";
 import { GatewayConnection } from "./connection.js";
 import { withErrorScopes } from "./gpu.js";
 import { Gpt2Stage } from "./model.js";
-import { fetchShard, parseSafetensors } from "./shards.js";
+import { fetchShard, mayHold, parseSafetensors } from "./shards.js";
 import { StepRunner } from "./steps.js";
 import * as ui from "./ui.js";
 
@@ -21,8 +21,8 @@ export class WebNode {
    */
   constructor(options) {
     Object.assign(this, options);
-    this.loaded = null; // {stage, sha256, layers, wireDtype}: what serves steps
-    this.loading = null; // {generation, layers, abort}
+    this.loaded = null; // {stage, sha256, shard: HeldShard, layers, wireDtype}: what serves steps
+    this.loading = null; // {generation, assign, abort, feeder, fetched: Promise<HeldShard | null>, settleFetched}
     this.generation = 0;
     this.dead = false;
     this.stepTimes = { count: 0, totalMs: 0 };
@@ -92,11 +92,19 @@ export class WebNode {
     }
   }
 
-  /** Load the assigned shard (the IndexedDB cache first), then say ready; a newer assignment supersedes it. */
+  /**
+   * Load the assigned shard, then say ready; a newer assignment supersedes it. A shard inside the one held
+   * (loaded, or being fetched by the load this one supersedes) is cut from it rather than downloaded.
+   */
   async assign(assign) {
     const generation = ++this.generation;
-    this.loading?.abort.abort();
-    const loading = { generation, layers: assign.layers, abort: new AbortController() };
+    const previous = this.loading;
+    // A re-plan to a narrower range of the shard on its way in: let that download finish and cut from it.
+    const feeder =
+      previous !== null && mayHold(previous.assign.shard_id, previous.assign.layers, assign.shard_id, assign.layers);
+    if (!feeder) abortLoad(previous);
+    const loading = { generation, assign, abort: new AbortController(), feeder: feeder ? previous : null };
+    loading.fetched = new Promise((resolve) => (loading.settleFetched = resolve)); // its shard, once verified
     this.loading = loading;
     const current = () => this.generation === generation;
     const progress = { done: 0, total: assign.size_bytes };
@@ -108,12 +116,13 @@ export class WebNode {
         this.connection.send({ kind: "progress", shard_id: assign.shard_id, done_bytes: size, total_bytes: size });
       } else {
         await this.steps.idle(); // the step running now still uses the old stage
+        const held = feeder ? await previous.fetched : (this.loaded?.shard ?? null);
         if (!current()) return;
         this.loaded?.stage.destroy();
         this.loaded = null;
-        const stage = await this.load(assign, loading.abort.signal, current);
-        if (!current()) return stage?.destroy();
-        this.loaded = { stage, sha256: assign.sha256 };
+        const built = await this.load(loading, held, current);
+        if (!current()) return built?.stage.destroy();
+        this.loaded = { stage: built.stage, sha256: assign.sha256, shard: built.shard };
       }
       Object.assign(this.loaded, { layers: assign.layers, wireDtype: assign.activation_dtype });
       this.connection.send({ kind: "ready", shard_id: assign.shard_id, layers: assign.layers });
@@ -127,31 +136,46 @@ export class WebNode {
       const message = `loading ${assign.shard_id} failed: ${error.message}`;
       ui.showError(message, "joined");
       this.connection.rejoin("shard load failed", message);
+    } finally {
+      loading.settleFetched(this.loaded?.sha256 === assign.sha256 ? this.loaded.shard : null); // no-op once settled
     }
   }
 
-  async load(assign, signal, current) {
+  /**
+   * Fetch (or cut from `held`) and upload the shard of `loading`; null when superseded on the way. Sets
+   * loading.fetched to the verified shard as soon as it is fetched, for a load that cuts from it.
+   * @returns {Promise<{stage: Gpt2Stage, shard: import("./shards.js").HeldShard} | null>}
+   */
+  async load(loading, held, current) {
+    const { assign } = loading;
     let sent = 0;
     const progress = (done, total) => {
+      if (!current()) return; // a superseded load that still fetches for its successor says nothing
       if (done - sent >= PROGRESS_EVERY_BYTES || (done === total && sent !== total)) {
         this.connection.send({ kind: "progress", shard_id: assign.shard_id, done_bytes: done, total_bytes: total });
         sent = done;
       }
       ui.update({ progress: { done, total } });
     };
-    const shard = await fetchShard(assign, progress, signal);
-    ui.update(shard.cached ? { cacheHits: ui.status.cacheHits + 1 } : { downloads: ui.status.downloads + 1 });
+    const fetching = fetchShard(assign, progress, loading.abort.signal, held);
+    fetching.then(
+      (shard) => loading.settleFetched({ sha256: assign.sha256, manifest: shard.manifest }),
+      () => loading.settleFetched(null),
+    );
+    const shard = await fetching;
+    const counter = { cache: "cacheHits", held: "cuts", download: "downloads" }[shard.source];
+    ui.update({ [counter]: ui.status[counter] + 1 });
     if (shard.warning) ui.showError(shard.warning);
     if (!current()) return null;
     const tensors = parseSafetensors(shard.bytes, shard.manifest);
     const { memoryBytes, maxBindingBytes } = this;
-    const options = { f16: this.gpu.f16, memoryBytes, maxBindingBytes, topK: assign.top_k };
+    const options = { f16: this.gpu.f16, cpu: this.gpu.cpu, memoryBytes, maxBindingBytes, topK: assign.top_k };
     const stage = await withErrorScopes(this.kernels.device, "uploading the shard", async () => {
       const built = new Gpt2Stage(this.kernels, shard.manifest, tensors, options);
       await this.kernels.device.queue.onSubmittedWorkDone();
       return built;
     });
-    return stage;
+    return { stage, shard: { sha256: assign.sha256, manifest: shard.manifest } };
   }
 
   served({ steps, requests, computeMs }) {
@@ -187,7 +211,7 @@ export class WebNode {
     if (this.dead) return;
     this.dead = true;
     this.steps.clear();
-    this.loading?.abort.abort();
+    abortLoad(this.loading);
     ui.showError(message, "error");
     this.connection.leave("fatal GPU error", message);
     for (const timer of this.timers ?? []) clearInterval(timer);
@@ -197,4 +221,9 @@ export class WebNode {
     this.gpu.closing = true;
     this.connection.leave(reason);
   }
+}
+
+/** Abort a load and the superseded loads still fetching for it. */
+function abortLoad(loading) {
+  for (let load = loading; load; load = load.feeder) load.abort.abort();
 }

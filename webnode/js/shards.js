@@ -1,10 +1,13 @@
 // Shards: download with progress (fetch streaming), sha256 check (crypto.subtle), an IndexedDB cache keyed by
-// sha256 so a reload downloads nothing, and the safetensors parser (docs/shards.md).
+// sha256 so a reload downloads nothing, a narrower shard cut from a held one instead of downloaded (verified by
+// its sha256 all the same), and the safetensors parser and writer (docs/shards.md).
 
 const DB_NAME = "synapse-shards";
 const STORE = "shards";
 const KEEP_SHARDS = 3; // newest shards kept in IndexedDB; older ones are deleted when a new one is stored
 const DTYPE_BYTES = { F16: 2, F32: 4 };
+const SAFETENSORS_DTYPES = { float16: "F16", float32: "F32" };
+const SHARD_ID = /^(?<model>.+)-L(?<start>\d+)-(?<end>\d+)-(?<dtype>float16|float32)$/; // docs/shards.md
 
 /** A shard that cannot be used (bad download, bad file); the node reports it and stays. */
 export class ShardError extends Error {
@@ -15,21 +18,36 @@ export class ShardError extends Error {
 }
 
 /**
- * The assigned shard's manifest and bytes: from IndexedDB when its sha256 is there, else downloaded,
- * verified and stored.
- * @param {{shard_id: string, sha256: string, size_bytes: number, shard_url: string, manifest_url: string}} assign
+ * @typedef {{shard_id: string, sha256: string, size_bytes: number, shard_url: string, manifest_url: string,
+ *   layers: number[]}} Assignment  what an assign message names
+ * @typedef {{sha256: string, manifest: object}} HeldShard  a verified shard in IndexedDB
+ * @typedef {{manifest: object, bytes: Uint8Array, source: "cache" | "held" | "download", warning: string | null}} Shard
+ */
+
+/**
+ * The assigned shard's manifest and bytes: from IndexedDB when its sha256 is there; else cut from `held`
+ * when that holds every tensor of it and the cut file has the assigned sha256; else downloaded, verified
+ * and stored. A shard that is not downloaded is stored too, so a reload finds it.
+ * @param {Assignment} assign
  * @param {(done: number, total: number) => void} onProgress called for every chunk received
  * @param {AbortSignal} signal a newer assignment aborts this one
- * @returns {Promise<{manifest: object, bytes: Uint8Array, cached: boolean, warning: string | null}>}
+ * @param {HeldShard | null} held a shard this node verified before (the loaded one, or the one a
+ *   superseded load fetched)
+ * @returns {Promise<Shard>}
  */
-export async function fetchShard(assign, onProgress, signal) {
+export async function fetchShard(assign, onProgress, signal, held = null) {
   const stored = await readCache(assign.sha256).catch(() => null);
   if (stored) {
     const bytes = new Uint8Array(await stored.data.arrayBuffer());
     onProgress(bytes.length, bytes.length);
-    return { manifest: stored.manifest, bytes, cached: true, warning: null };
+    return { manifest: stored.manifest, bytes, source: "cache", warning: null };
   }
   const manifest = await fetchManifest(assign, signal);
+  const cut = held && holdsAll(held.manifest, manifest) ? await cutShard(held, manifest) : null;
+  if (cut && (await sha256Hex(cut)) === assign.sha256) {
+    onProgress(cut.length, cut.length);
+    return { manifest, bytes: cut, source: "held", warning: await store(assign.sha256, manifest, cut) };
+  }
   const bytes = await download(assign.shard_url, manifest.byte_size, onProgress, signal);
   const digest = await sha256Hex(bytes);
   if (digest !== assign.sha256) {
@@ -38,13 +56,86 @@ export async function fetchShard(assign, onProgress, signal) {
         `(${bytes.length} bytes from ${assign.shard_url}); the download is corrupt and was not cached`,
     );
   }
-  let warning = null;
+  return { manifest, bytes, source: "download", warning: await store(digest, manifest, bytes) };
+}
+
+/** Store a verified shard in IndexedDB; a warning when that failed (quota), else null. */
+async function store(sha256, manifest, bytes) {
   try {
-    await writeCache({ sha256: digest, manifest, data: new Blob([bytes]), storedAt: Date.now() });
+    await writeCache({ sha256, manifest, data: new Blob([bytes]), storedAt: Date.now() });
+    return null;
   } catch (error) {
-    warning = `shard not cached in IndexedDB (${error.name}: ${error.message}); a reload downloads it again`;
+    return `shard not cached in IndexedDB (${error.name}: ${error.message}); a reload downloads it again`;
   }
-  return { manifest, bytes, cached: false, warning };
+}
+
+/**
+ * Whether the shard `heldId` (layers `held`) may hold every tensor of `wantedId` (layers `wanted`): the same
+ * model and dtype by their shard ids, and the wanted range inside the held one. A guess from names only, for
+ * deciding to let a load finish; cutting the shard checks the manifests and the sha256.
+ */
+export function mayHold(heldId, held, wantedId, wanted) {
+  const [a, b] = [SHARD_ID.exec(heldId)?.groups, SHARD_ID.exec(wantedId)?.groups];
+  if (!a || !b || a.model !== b.model || a.dtype !== b.dtype) return false;
+  return held[0] <= wanted[0] && wanted[1] <= held[1];
+}
+
+/** Whether the shard of manifest `held` has every tensor of `wanted` (same model, config, dtype and shapes). */
+function holdsAll(held, wanted) {
+  const same = (key) => JSON.stringify(held[key]) === JSON.stringify(wanted[key]);
+  if (!same("model_id") || !same("config") || !same("dtype")) return false;
+  const shapes = new Map(held.tensors.map(({ name, shape }) => [name, JSON.stringify(shape)]));
+  return wanted.tensors.every(({ name, shape }) => shapes.get(name) === JSON.stringify(shape));
+}
+
+/**
+ * The file of `manifest` as the sharder writes it, with the tensors taken from the held shard (read from
+ * IndexedDB); null when that shard is no longer stored or no longer parses.
+ * @returns {Promise<Uint8Array | null>}
+ */
+async function cutShard(held, manifest) {
+  const stored = await readCache(held.sha256).catch(() => null);
+  if (!stored) return null;
+  let tensors;
+  try {
+    tensors = parseSafetensors(new Uint8Array(await stored.data.arrayBuffer()), held.manifest);
+  } catch {
+    return null; // a bad stored copy: download instead
+  }
+  const header = safetensorsHeader(manifest);
+  const parts = manifest.tensors.map(({ name }) => tensors.get(name).bytes);
+  const size = parts.reduce((total, part) => total + part.length, header.length);
+  if (size !== manifest.byte_size) return null;
+  const bytes = new Uint8Array(size);
+  bytes.set(header);
+  let offset = header.length;
+  for (const part of parts) {
+    bytes.set(part, offset);
+    offset += part.length;
+  }
+  return bytes;
+}
+
+/**
+ * The safetensors header the sharder writes (services/sharder/shards.py, _safetensors_header): 8-byte
+ * little-endian length, then compact JSON of __metadata__ and each tensor in file order, padded with spaces
+ * to a multiple of 8 bytes.
+ * @param {{shard_id: string, dtype: string, tensors: {name: string, shape: number[]}[]}} manifest
+ */
+export function safetensorsHeader(manifest) {
+  const code = SAFETENSORS_DTYPES[manifest.dtype];
+  const entries = { __metadata__: { format: "pt", synapse_shard: manifest.shard_id } };
+  let offset = 0;
+  for (const { name, shape } of manifest.tensors) {
+    const size = shape.reduce((a, b) => a * b, 1) * DTYPE_BYTES[code];
+    entries[name] = { dtype: code, shape, data_offsets: [offset, offset + size] };
+    offset += size;
+  }
+  const text = new TextEncoder().encode(JSON.stringify(entries));
+  const padded = new Uint8Array(8 + Math.ceil(text.length / 8) * 8).fill(0x20); // spaces
+  new DataView(padded.buffer).setBigUint64(0, BigInt(padded.length - 8), true);
+  padded.set(text, 8);
+  return padded;
 }
 
 async function fetchManifest(assign, signal) {

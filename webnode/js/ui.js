@@ -13,6 +13,7 @@ export const status = {
   nodeId: "",
   device: "",
   f16: false,
+  cpu: false, // a fallback (CPU) adapter: matvec.wgsl for every row count
   limits: {},
   memoryBytes: 0,
   speed: 0,
@@ -21,6 +22,7 @@ export const status = {
   progress: { done: 0, total: 0 },
   downloads: 0, // shards fetched over the network
   cacheHits: 0, // shards loaded from IndexedDB
+  cuts: 0, // shards cut from a held one (a re-plan to a narrower range), nothing downloaded
   loads: 0, // shards uploaded to the GPU and announced ready
   stepsServed: 0,
   requestsServed: 0,
@@ -91,7 +93,7 @@ function render() {
     bar.value = done;
   }
   set("progress-text", total ? `${(done / MIB).toFixed(1)} / ${(total / MIB).toFixed(1)} MiB` : "-");
-  set("downloads", `${s.downloads} downloaded, ${s.cacheHits} from the cache`);
+  set("downloads", `${s.downloads} downloaded, ${s.cacheHits} from the cache, ${s.cuts} cut from a held shard`);
   set("served", `${s.requestsServed} requests in ${s.stepsServed} steps; ${s.cachedRequests} cached now`);
   set("step-ms", s.stepsServed ? `${s.lastStepMs.toFixed(1)} ms last, ${s.meanStepMs.toFixed(1)} ms mean` : "-");
   const error = document.getElementById("error");

@@ -1,5 +1,5 @@
 // Shard tensors onto the GPU: f32 as stored; f16 unpacked to f32 by unpack_f16.wgsl, or kept f16 for the
-// shader-f16 kernels; the token table (wte) in row pieces that each fit one storage binding.
+// shader-f16 kernels; the token table (wte) transposed, in pieces of whole tokens that each fit one binding.
 
 import { ceilDiv, linearGroups } from "./kernels.js";
 
@@ -9,8 +9,11 @@ const TABLES = ["wte.weight", "wpe.weight"];
 
 /**
  * @typedef {{dtype: "F16"|"F32", shape: number[], bytes: Uint8Array}} Tensor  one tensor of a parsed shard
- * @typedef {{start: number, count: number, buffer: GPUBuffer}} TablePiece  rows [start, start + count) of wte
+ * @typedef {{start: number, count: number, buffer: GPUBuffer}} TablePiece  tokens [start, start + count) of
+ *   wte, transposed: (n_embd, count), so the LM head is a plain matmul of the final rows with it
  */
+
+const TRANSPOSE_BLOCK = 64; // 64 x 64 elements at a time: both sides of the copy stay in the CPU's cache
 
 /** Whether `name` is read as f16 by the shader-f16 kernels. */
 export function isHalfCapable(name) {
@@ -74,8 +77,8 @@ function unpackHalf(kernels, bytes, label) {
 }
 
 /**
- * The token table as pieces of whole rows, each at most maxBindingBytes on the GPU; embedding.wgsl
- * (vocab_start, vocab_count) and lm_head.wgsl (out_offset) take one dispatch per piece.
+ * The token table as transposed pieces of whole tokens, each at most maxBindingBytes on the GPU;
+ * embedding.wgsl (vocab_start, vocab_count) and the LM head's matmul (out_offset) take a dispatch per piece.
  * @returns {TablePiece[]}
  */
 export function uploadTable(kernels, tensor, { half, maxBindingBytes, nEmbd }) {
@@ -87,10 +90,34 @@ export function uploadTable(kernels, tensor, { half, maxBindingBytes, nEmbd }) {
   const pieces = [];
   for (let start = 0; start < rows; start += rowsPerPiece) {
     const count = Math.min(rowsPerPiece, rows - start);
-    const bytes = tensor.bytes.subarray(start * nEmbd * stored, (start + count) * nEmbd * stored);
-    const label = `wte rows ${start}-${start + count}`;
+    const bytes = transposeRows(tensor.bytes, stored, nEmbd, start, count);
+    const label = `wte tokens ${start}-${start + count}, transposed`;
     const buffer = stored === 4 || keepHalf ? kernels.upload(bytes, label) : unpackHalf(kernels, bytes, label);
     pieces.push({ start, count, buffer });
   }
   return pieces;
+}
+
+/**
+ * Rows [start, start + count) of a row-major (rows, cols) table of `elementBytes`-byte elements, as the bytes
+ * of its (cols, count) transpose. Bit patterns are moved, never converted.
+ * @param {Uint8Array} bytes the whole table
+ * @returns {Uint8Array}
+ */
+export function transposeRows(bytes, elementBytes, cols, start, count) {
+  const Elements = elementBytes === 2 ? Uint16Array : Uint32Array;
+  const aligned = bytes.byteOffset % elementBytes === 0 ? bytes : bytes.slice(); // a copy starts at offset 0
+  const source = new Elements(aligned.buffer, aligned.byteOffset, aligned.byteLength / elementBytes);
+  const out = new Elements(cols * count);
+  for (let row0 = 0; row0 < count; row0 += TRANSPOSE_BLOCK) {
+    const row1 = Math.min(row0 + TRANSPOSE_BLOCK, count);
+    for (let col0 = 0; col0 < cols; col0 += TRANSPOSE_BLOCK) {
+      const col1 = Math.min(col0 + TRANSPOSE_BLOCK, cols);
+      for (let row = row0; row < row1; row++) {
+        const from = (start + row) * cols;
+        for (let col = col0; col < col1; col++) out[col * count + row] = source[from + col];
+      }
+    }
+  }
+  return new Uint8Array(out.buffer);
 }
