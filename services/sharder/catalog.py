@@ -68,8 +68,23 @@ class Catalog:
             log.warning("shard_index_unreadable", extra={"folder": str(self.folder), "error": str(error)})
             return []
 
-    def manifest(self, wanted_shard_id: str) -> ShardManifest:
+    def current(self) -> list[ShardManifest]:
+        """The folder's shards cut from this very checkpoint. A shard of the same model name and range cut from
+        other weights (the folder's checkpoint changed since) is stale: logged here, rewritten when planned."""
+        fresh = []
         for manifest in self.manifests():
+            if manifest.source_sha256 == self.checkpoint.fingerprint:
+                fresh.append(manifest)
+            else:
+                log.warning(
+                    "shard_stale",
+                    extra={"shard": manifest.shard_id, "was": manifest.source_sha256[:12] or "unknown",
+                           "now": self.checkpoint.fingerprint[:12]},
+                )  # fmt: skip
+        return fresh
+
+    def manifest(self, wanted_shard_id: str) -> ShardManifest:
+        for manifest in self.current():
             if manifest.shard_id == wanted_shard_id:
                 return manifest
         raise NotFound(f"no shard {wanted_shard_id!r} for model {self.model_id}; ask Plan for one first")
@@ -84,7 +99,7 @@ class Catalog:
         """Place the model on the nodes and make sure each planned range has a shard; returns unused nodes."""
         assignments = plan_placement(footprint(self.config, self.dtype), nodes)
         async with self._lock:  # one writer at a time per folder
-            have = {(m.layer_start, m.layer_end, m.dtype): m for m in self.manifests()}
+            have = {(m.layer_start, m.layer_end, m.dtype): m for m in self.current()}
             missing = [(a.start, a.end) for a in assignments if (a.start, a.end, self.dtype) not in have]
             if missing:
                 written = await asyncio.to_thread(

@@ -46,6 +46,7 @@ class ShardManifest:
     sha256: str  # hex digest of the whole safetensors file
     tensors: tuple[TensorInfo, ...]
     format_version: int = FORMAT_VERSION
+    source_sha256: str = ""  # the checkpoint's fingerprint (Checkpoint.fingerprint) it was cut from; "" = unknown
 
     @property
     def n_layer(self) -> int:
@@ -75,6 +76,7 @@ class ShardManifest:
             "byte_size": self.byte_size,
             "sha256": self.sha256,
             "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in self.tensors],
+            "source_sha256": self.source_sha256,
         }
 
     def to_json(self) -> str:
@@ -102,6 +104,7 @@ class ShardManifest:
             byte_size=fields.get("byte_size", int),
             sha256=fields.get("sha256", str),
             tensors=tuple(_tensor_info(entry, source) for entry in fields.get("tensors", list)),
+            source_sha256=fields.optional("source_sha256", str, ""),  # absent in manifests written before it
         )
         derived = {"n_layer": manifest.n_layer, "is_first": manifest.is_first, "is_last": manifest.is_last}
         for name, value in derived.items():
@@ -204,6 +207,9 @@ class _Fields:
         if not isinstance(data, dict):
             raise DataLoss(f"{source} must be a JSON object, got {type(data).__name__}")
         self.data, self.source = data, source
+
+    def optional(self, name: str, kind: type, default: Any) -> Any:
+        return self.get(name, kind) if name in self.data else default
 
     def get(self, name: str, kind: type) -> Any:
         if name not in self.data:

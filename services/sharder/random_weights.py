@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from services.common.gpt2.checkpoint import Checkpoint, expected_shapes
@@ -36,4 +38,6 @@ def random_checkpoint(config: GPT2Config, model_id: str, *, seed: int = 0) -> Ch
             tensors[name] = np.zeros(shape, np.float32)
         else:
             tensors[name] = generator.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
-    return Checkpoint(model_id=model_id + RANDOM_SUFFIX, config=config, tensors=tensors)
+    recipe = f"random-weights PCG64 seed={seed} normal(0, 0.02) {config.to_dict()}"
+    fingerprint = hashlib.sha256(recipe.encode()).hexdigest()  # the same recipe gives the same weights
+    return Checkpoint(model_id=model_id + RANDOM_SUFFIX, config=config, tensors=tensors, fingerprint=fingerprint)

@@ -67,6 +67,6 @@ class ShardServicer(sharder_pb2_grpc.ShardServiceServicer):
         summary = sharder_pb2.ModelSummary(
             model_id=self.catalog.model_id,
             config=model_config_to_pb(self.catalog.config),
-            shard_ids=[m.shard_id for m in self.catalog.manifests()],
+            shard_ids=[m.shard_id for m in self.catalog.current()],
         )
         return sharder_pb2.ListModelsResponse(models=[summary])

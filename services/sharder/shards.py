@@ -64,7 +64,9 @@ def write_shards(
     dtype: str = "float16",
     progress: bool = True,
 ) -> list[ShardManifest]:
-    """Write one shard per range (a tqdm bar counts bytes), then the folder's model.json."""
+    """Write one shard per range (a tqdm bar counts bytes), then the folder's model.json. All or nothing: every
+    shard is written to temp files first and only then are they renamed into place, so a failure halfway
+    leaves the folder, model.json included, as it was."""
     ranges = list(ranges)
     if not ranges:
         raise InvalidArgument("no layer ranges given; pass e.g. even_ranges(n_layer, parts)")
@@ -73,14 +75,24 @@ def write_shards(
         checkpoint.config.check_layer_range(start, end)
     _check_folder(Path(out_dir), checkpoint.model_id, checkpoint.config)
     total = sum(_data_bytes(checkpoint.config, start, end, dtype) for start, end in ranges)
-    with tqdm(
-        total=total, unit="B", unit_scale=True, desc=f"sharding {checkpoint.model_id}", disable=not progress
-    ) as bar:
-        manifests = [
-            _write_shard(checkpoint, start, end, Path(out_dir), dtype, progress=bar.update) for start, end in ranges
-        ]
-    _update_index(Path(out_dir), checkpoint.model_id, checkpoint.config)
-    return manifests
+    directory = Path(out_dir)
+    staged: list[tuple[ShardManifest, list[tuple[Path, Path]]]] = []
+    try:
+        with tqdm(
+            total=total, unit="B", unit_scale=True, desc=f"sharding {checkpoint.model_id}", disable=not progress
+        ) as bar:
+            for start, end in ranges:
+                staged.append(_stage_shard(checkpoint, start, end, directory, dtype, progress=bar.update))
+    except BaseException:
+        for _, moves in staged:
+            for temp, _final in moves:
+                temp.unlink(missing_ok=True)
+        raise
+    try:  # every data file, then every manifest: a manifest never names a file that is not there yet
+        _commit(directory, [moves[0] for _, moves in staged] + [moves[1] for _, moves in staged])
+    finally:  # model.json is derived from the manifests on disk: rebuilt even when a rename failed
+        _update_index(directory, checkpoint.model_id, checkpoint.config)
+    return [manifest for manifest, _ in staged]
 
 
 def read_manifest(path: str | Path) -> ShardManifest:
@@ -122,14 +134,15 @@ def read_shard(
     return tensors
 
 
-def _write_shard(
+def _stage_shard(
     checkpoint: Checkpoint,
     start: int,
     end: int,
     out_dir: Path,
     dtype: str,
     progress: Callable[[int], object],
-) -> ShardManifest:
+) -> tuple[ShardManifest, list[tuple[Path, Path]]]:
+    """Write one shard's data and manifest to temp files; returns the manifest and the renames that publish it."""
     config, target = checkpoint.config, _numpy_dtype(dtype)
     config.check_layer_range(start, end)
     names = stage_tensor_names(config, start, end)
@@ -171,14 +184,14 @@ def _write_shard(
         byte_size=data_temp.stat().st_size,
         sha256=digest.hexdigest(),
         tensors=tuple(TensorInfo(name, shapes[name], dtype) for name in names),
+        source_sha256=checkpoint.fingerprint,
     )
     try:
         manifest_temp = _write_temp(out_dir, lambda handle: handle.write(manifest.to_json().encode()))
     except BaseException:
         data_temp.unlink(missing_ok=True)
         raise
-    _commit(out_dir, [(data_temp, out_dir / manifest.file), (manifest_temp, out_dir / f"{identity}.json")])
-    return manifest
+    return manifest, [(data_temp, out_dir / manifest.file), (manifest_temp, out_dir / f"{identity}.json")]
 
 
 def _data_bytes(config: GPT2Config, start: int, end: int, dtype: str) -> int:

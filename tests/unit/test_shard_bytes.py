@@ -6,7 +6,9 @@ float16 and float32 shards. tests/vectors/shard_bytes.json was recorded from the
 before it moved to numpy; the sharder must keep writing exactly these bytes. The random-weights cases were
 recorded again after that move: the fallback now draws from numpy's PCG64, not torch's generator (whose
 normal_ picks a vectorised or a scalar kernel by CPU, so its bytes were never portable). Re-record
-(`python -m tests.unit.test_shard_bytes`) only for a deliberate format change, and say so in the commit.
+(`python -m tests.unit.test_shard_bytes`) only for a deliberate format change, and say so in the commit: the
+manifests and model.json were re-recorded once, when they gained `source_sha256` (every .safetensors
+file kept its bytes).
 """
 
 from __future__ import annotations

@@ -268,7 +268,7 @@ def test_failure_while_writing_data_leaves_no_file(checkpoint: Checkpoint, tmp_p
     huge = dataclasses.replace(checkpoint, tensors=tensors)
     with pytest.raises(InvalidArgument, match="overflows float16; shard as float32"):
         write_shards(huge, RANGES, tmp_path, progress=False)
-    assert folder_files(tmp_path) == {"tiny-gpt2-L0-1-float16.json", "tiny-gpt2-L0-1-float16.safetensors"}
+    assert folder_files(tmp_path) == set()  # all or nothing: the first range's shard is not published either
     write_shard(huge, 1, 3, tmp_path, dtype="float32")  # float32 holds it
 
 
@@ -295,3 +295,51 @@ def test_even_ranges() -> None:
     for parts in (0, -1, 13):
         with pytest.raises(InvalidArgument, match="parts"):
             even_ranges(12, parts)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def test_a_multi_shard_write_that_fails_halfway_leaves_the_folder_as_it_was(
+    checkpoint: Checkpoint, tmp_path: Path
+) -> None:
+    ranges = [(0, 1), (1, checkpoint.config.n_layer)]
+    write_shards(checkpoint, ranges, tmp_path, dtype="float16", progress=False)
+    before = _snapshot(tmp_path)
+    # Other weights under the same name: the first shard converts fine, the second overflows float16.
+    tensors = {name: np.array(value, copy=True) for name, value in checkpoint.tensors.items()}
+    tensors["h.0.attn.c_attn.weight"] += 1.0
+    tensors["h.1.mlp.c_fc.weight"][0, 0] = 1e6
+    changed = dataclasses.replace(checkpoint, tensors=tensors, fingerprint="f" * 64)
+    with pytest.raises(InvalidArgument, match=r"h\.1\.mlp\.c_fc\.weight.*overflows float16"):
+        write_shards(changed, ranges, tmp_path, dtype="float16", progress=False)
+    assert _snapshot(tmp_path) == before  # no shard of the changed weights, no temp file, model.json unchanged
+
+
+async def test_shards_follow_their_checkpoint_not_only_its_name_and_range(
+    checkpoint: Checkpoint, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from services.sharder.catalog import Catalog
+    from services.sharder.placement import NodeCapacity
+
+    nodes = [NodeCapacity("n0", memory_bytes=1 << 30, speed=1.0)]
+    (first,), _ = await Catalog(checkpoint, tmp_path, "float32").plan(nodes)
+    assert first.manifest.source_sha256 == checkpoint.fingerprint != ""
+    (again,), _ = await Catalog(checkpoint, tmp_path, "float32").plan(nodes)
+    assert again.manifest == first.manifest  # the same weights: the shard is reused
+    tensors = {name: np.array(value, copy=True) for name, value in checkpoint.tensors.items()}
+    tensors["wpe.weight"] += 0.5  # same name, same shapes, other weights (a fine-tune copied over the folder)
+    changed = dataclasses.replace(checkpoint, tensors=tensors, fingerprint="e" * 64)
+    catalog = Catalog(changed, tmp_path, "float32")
+    (fresh,), _ = await catalog.plan(nodes)
+    assert fresh.manifest.shard_id == first.manifest.shard_id and fresh.manifest.sha256 != first.manifest.sha256
+    assert fresh.manifest.source_sha256 == "e" * 64
+    assert any(record.message == "shard_stale" for record in caplog.records)
+    assert catalog.manifest(fresh.manifest.shard_id) == fresh.manifest
+
+
+def test_a_checkpoint_fingerprint_is_the_sha256_of_its_files(checkpoint_dir: Path) -> None:
+    expected = hashlib.sha256((checkpoint_dir / "model.safetensors").read_bytes())
+    expected.update((checkpoint_dir / "config.json").read_bytes())
+    assert load_checkpoint(checkpoint_dir, progress=False).fingerprint == expected.hexdigest()

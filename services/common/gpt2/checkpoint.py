@@ -5,10 +5,12 @@ No torch: the control plane (sharder, router, gateway) runs without it. bfloat16
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -44,6 +46,9 @@ class Checkpoint:
     model_id: str  # the hub name, or the local folder's name
     config: GPT2Config
     tensors: dict[str, np.ndarray]
+    # sha256 of what the weights were read from (model.safetensors, then config.json): shards written from
+    # this checkpoint carry it, so changed weights under the same name are never served from old shards.
+    fingerprint: str = ""
 
 
 def layer_tensor_names(config: GPT2Config, layer: int) -> list[str]:
@@ -109,8 +114,15 @@ def load_checkpoint(source: str | Path, *, progress: bool = True, cache_dir: str
     """
     folder, model_id = _resolve_source(source, progress=progress, cache_dir=cache_dir)
     config = GPT2Config.from_dict(_read_config(folder / CONFIG_FILE))
-    tensors = _read_tensors(folder / WEIGHTS_FILE)
-    return Checkpoint(model_id=model_id, config=config, tensors=_canonical_tensors(tensors, config))
+    digest = hashlib.sha256()
+    tensors = _read_tensors(folder / WEIGHTS_FILE, digest)
+    digest.update((folder / CONFIG_FILE).read_bytes())
+    return Checkpoint(
+        model_id=model_id,
+        config=config,
+        tensors=_canonical_tensors(tensors, config),
+        fingerprint=digest.hexdigest(),
+    )
 
 
 def _resolve_source(source: str | Path, *, progress: bool, cache_dir: str | Path | None) -> tuple[Path, str]:
@@ -182,11 +194,12 @@ def _read_config(path: Path) -> dict:
         raise DataLoss(f"{path} is not valid JSON: {error}") from error
 
 
-def _read_tensors(path: Path) -> dict[str, np.ndarray]:
+def _read_tensors(path: Path, digest: Any = None) -> dict[str, np.ndarray]:
+    """The file's tensors; `digest` (a hashlib object) is fed every byte as it is read."""
     if not path.is_file():
         raise NotFound(f"{path} does not exist; a checkpoint folder needs {CONFIG_FILE} and {WEIGHTS_FILE}")
     try:
-        return safetensors_file.parse(safetensors_file.read_file(path), path)
+        return safetensors_file.parse(safetensors_file.read_file(path, digest=digest), path)
     except DataLoss as error:
         raise DataLoss(f"{path} is truncated or corrupt: {error}") from error
 
