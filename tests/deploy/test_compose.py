@@ -53,17 +53,19 @@ def stream(address: str, prompt: list[int], max_tokens: int, on_token=None) -> l
 
 
 def test_prometheus_scrapes_every_gateway_instance(deployment: Deployment) -> None:
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        gateways = deployment.query_now('up{job="gateway"} == 1')
-        if len(gateways) == GATEWAYS:
+    # Targets come from DNS, refreshed every 5 s, and a target counts once it has been scraped: wait for the whole
+    # set, each service once (each gateway and node on its own address), rather than the gateways alone.
+    expected = {"router": 1, "tokenizer": 1, "sampler": 1, "sharder": 1, "loadbalancer": 1, "gateway": GATEWAYS,
+                "node": NODES}
+    deadline = time.monotonic() + 120
+    while True:
+        up = {(s["metric"]["job"], s["metric"]["instance"]): s["value"][1] for s in deployment.query_now("up")}
+        scraped = {job: [value for (name, _), value in up.items() if name == job] for job in expected}
+        if all(values == ["1"] * expected[job] for job, values in scraped.items()) or time.monotonic() > deadline:
             break
         time.sleep(1)
-    assert len(gateways) == GATEWAYS, deployment.query_now("up")
-    up = {(s["metric"]["job"], s["metric"]["instance"]): s["value"][1] for s in deployment.query_now("up")}
-    for job in ("router", "tokenizer", "sampler", "sharder", "loadbalancer"):
-        assert [value for (name, _), value in up.items() if name == job] == ["1"], (job, up)
-    assert sum(1 for (name, _), value in up.items() if name == "node" and value == "1") == NODES
+    for job, count in expected.items():
+        assert scraped[job] == ["1"] * count, (job, up)
 
 
 def test_generate_from_the_host_equals_transformers(deployment: Deployment) -> None:
