@@ -1,4 +1,4 @@
-"""Start the whole stack as separate processes (tokenizer, sampler, sharder, gateways, router, nodes).
+"""Start the whole stack as separate processes (tokenizer, sampler, sharder, gateways, router, nodes, Redis).
 
 Used by `synapse up` and by the end-to-end tests; each service gets its settings through its
 `SYNAPSE_<SERVICE>_*` variables and logs to <workdir>/logs/<name>.log.
@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.common.errors import Unavailable
 from services.common.join_tokens import issue, new_secret
 
+REDIS_START_TIMEOUT_S = 10.0
 JOIN_TOKEN_DAYS = 365  # the stack's own token: nodes show it at every reconnect while the stack runs
 # Below Linux's ephemeral range (32768-60999): a port the kernel hands to outgoing connections can be
 # taken between choosing it here and the service binding it, which failed stacks at random.
@@ -235,3 +238,40 @@ def _serving(address: str) -> bool:
         except grpc.RpcError:
             return False
     return response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@contextlib.contextmanager
+def redis_server(folder: Path, port: int | None = None) -> Iterator[str]:
+    """A real redis-server on a free port, nothing persisted; yields its URL once it accepts connections."""
+    executable = shutil.which("redis-server")
+    if not executable:
+        raise Unavailable("redis-server is not installed: run `bash ops/setup.sh` (Debian package redis-server)")
+    port = port or free_port()
+    log_path = folder / f"redis-{port}.log"
+    command = [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+               "--dir", str(folder)]  # fmt: skip
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        _wait_listening(process, port, log_path)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def _wait_listening(process: subprocess.Popen, port: int, log_path: Path) -> None:
+    deadline = time.monotonic() + REDIS_START_TIMEOUT_S
+    while True:
+        if process.poll() is not None:
+            raise Unavailable(f"redis-server exited with {process.returncode}:\n{log_path.read_text()[-2000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise Unavailable(
+                    f"redis-server did not listen on {port} within {REDIS_START_TIMEOUT_S:g} s:\n"
+                    f"{log_path.read_text()[-2000:]}"
+                ) from None
+            time.sleep(0.05)

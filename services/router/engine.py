@@ -196,6 +196,7 @@ class Scheduler:
         metrics.STEP_OVERHEAD_SECONDS.observe(max(wall_s - compute_ms / 1e3, 0.0))
         metrics.BATCH_SIZE.observe(len(batch))
         outputs = {frame.request_id: frame for frame in syn1.decode_frames(result.frames)}
+        sampling = 0.0  # seconds in accept(): sampling and draft checks, not the streaming that follows
         for generation in batch:
             frame = outputs.get(generation.wire_id)
             if frame is None:
@@ -204,12 +205,15 @@ class Scheduler:
             if not generation.generated and generation.failovers == 0:
                 metrics.TOKENS.labels("prompt").inc(generation.sent)
             drafted = len(generation.draft)
+            started = time.perf_counter()
             try:
                 events = generation.accept(rows_of(frame), compute_ms)
             except SynapseError as error:  # e.g. the sampler refusing what came back: this request only
                 log.warning("sample_failed", extra={"request_id": generation.request_id, "error": str(error)})
                 await self._fail(generation, error)
                 continue
+            finally:
+                sampling += time.perf_counter() - started
             if drafted:
                 metrics.SPEC_ACCEPTED.inc(len(events) - 1)
             if not events:
@@ -219,6 +223,7 @@ class Scheduler:
                 self._emit(generation, event)
             if generation.done:
                 await self.finish(generation)
+        metrics.SAMPLE_SECONDS.observe(sampling)
 
     def _emit(self, generation: Generation, event: TokenEvent) -> None:
         if len(generation.generated) == 1:
