@@ -10,8 +10,8 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from services.common.pb import router_pb2, router_pb2_grpc
 
+from services.common.pb import router_pb2, router_pb2_grpc
 from services.launcher import Stack
 from tests.checkpoints import load_reference, make_random_checkpoint
 from tests.redis_server import redis_server

@@ -10,9 +10,9 @@ import urllib.request
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from services.common.pb import router_pb2, router_pb2_grpc
 
 from services.client import SynapseClient
+from services.common.pb import router_pb2, router_pb2_grpc
 from tests.e2e.conftest import generate, wait_for_pipeline
 from tests.polling import eventually_sync
 

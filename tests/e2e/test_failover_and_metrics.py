@@ -8,8 +8,8 @@ import urllib.request
 
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
-from services.common.pb import router_pb2, router_pb2_grpc
 
+from services.common.pb import router_pb2, router_pb2_grpc
 from tests.e2e.conftest import generate, greedy_reference, log_events, wait_for_pipeline
 
 PROMPT = [464, 2068, 7586, 21831]

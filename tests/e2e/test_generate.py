@@ -6,8 +6,8 @@ import concurrent.futures
 
 import grpc
 import pytest
-from services.common.pb import router_pb2
 
+from services.common.pb import router_pb2
 from services.tokenizer.tokenization import Tokenizer
 from services.tokenizer.vocab import DEFAULT_CACHE_DIR
 from tests.e2e.conftest import generate, greedy_reference, log_events, wait_for_pipeline

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from services.common.pb import router_pb2, router_pb2_grpc
 
+from services.common.pb import router_pb2, router_pb2_grpc
 from services.launcher import Stack
 from tests.e2e.conftest import wait_for_pipeline
 from tests.polling import eventually_sync

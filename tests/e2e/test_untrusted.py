@@ -63,6 +63,7 @@ def test_a_node_that_never_loads_is_planned_around(make_stack, reference) -> Non
 
 def _pipelines(stack) -> list:
     import grpc
+
     from services.common.pb import router_pb2, router_pb2_grpc
 
     with grpc.insecure_channel(stack.router_address) as channel:

@@ -19,10 +19,10 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.common.pb import common_pb2, gateway_pb2
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from services.common.pb import common_pb2, gateway_pb2
 from services.wire import syn1
 from services.wire.steps import StepFailed
 from tests.integration.gateway_fixtures import (

@@ -17,9 +17,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import torch
-from services.common.pb import gateway_pb2, gateway_pb2_grpc, router_pb2
 from websockets.asyncio.client import ClientConnection, connect
 
+from services.common.pb import gateway_pb2, gateway_pb2_grpc, router_pb2
 from services.common.server import GrpcServer, channel
 from services.gateway.__main__ import start_gateway, stop_gateway
 from services.gateway.hub import Hub

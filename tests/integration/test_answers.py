@@ -9,9 +9,9 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
-from services.common.pb import common_pb2, gateway_pb2
 from websockets.asyncio.client import connect
 
+from services.common.pb import common_pb2, gateway_pb2
 from services.gateway.hub import CLOSE_QUARANTINED
 from services.wire import syn1
 from services.wire.steps import StepFailed

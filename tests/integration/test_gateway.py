@@ -18,11 +18,11 @@ import grpc
 import numpy as np
 import pytest
 from cryptography import x509
-from services.common.pb import common_pb2, gateway_pb2
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidHandshake
 
 from services.cli import main as synapse
+from services.common.pb import common_pb2, gateway_pb2
 from services.gateway import redis_registry
 from services.gateway.websocket_server import CLOSE_POLICY
 from services.launcher import free_port

@@ -10,9 +10,9 @@ import logging
 import grpc
 import pytest
 from prometheus_client import REGISTRY
-from services.common.pb import common_pb2, gateway_pb2, gateway_pb2_grpc
 from websockets.asyncio.client import connect
 
+from services.common.pb import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.common.server import CHANNEL_OPTIONS
 from services.gateway.admission import CLOSE_POLICY, CLOSE_RATE_LIMITED, CLOSE_TOO_BIG, CLOSE_TRY_AGAIN_LATER
 from services.wire import syn1

@@ -11,9 +11,9 @@ import aiohttp
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from services.common.pb import common_pb2, gateway_pb2
 
 from services.common.metrics import start_metrics_server
+from services.common.pb import common_pb2, gateway_pb2
 from services.wire import syn1
 from tests.integration.gateway_fixtures import (
     FAKE_HIDDEN,

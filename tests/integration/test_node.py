@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 from aiohttp import web
-from services.common.pb import common_pb2, gateway_pb2, sharder_pb2, sharder_pb2_grpc
 from websockets.asyncio.server import ServerConnection, serve
 
+from services.common.pb import common_pb2, gateway_pb2, sharder_pb2, sharder_pb2_grpc
 from services.common.server import channel
 from services.sharder.__main__ import start_sharder
 from services.sharder.catalog import Catalog

@@ -12,8 +12,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import REGISTRY
-from services.common.pb import common_pb2, sampler_pb2, sampler_pb2_grpc
 
+from services.common.pb import common_pb2, sampler_pb2, sampler_pb2_grpc
 from services.common.server import GrpcServer, channel
 from services.sampler.__main__ import SERVICE_NAME
 from services.sampler.convert import full_logits_to_pb, params_to_pb

@@ -11,9 +11,9 @@ import sys
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from services.common.pb import tokenizer_pb2, tokenizer_pb2_grpc
 
 from services.common.errors import DataLoss, InvalidArgument, NotFound, Unavailable
+from services.common.pb import tokenizer_pb2, tokenizer_pb2_grpc
 from services.common.server import GrpcServer, status_of
 from services.launcher import free_port
 

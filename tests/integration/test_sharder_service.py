@@ -13,8 +13,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from services.common.pb import common_pb2, sharder_pb2, sharder_pb2_grpc
 
+from services.common.pb import common_pb2, sharder_pb2, sharder_pb2_grpc
 from services.common.server import channel
 from services.sharder.__main__ import start_sharder
 from services.sharder.catalog import Catalog

@@ -13,8 +13,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import REGISTRY
-from services.common.pb import tokenizer_pb2, tokenizer_pb2_grpc
 
+from services.common.pb import tokenizer_pb2, tokenizer_pb2_grpc
 from services.common.server import GrpcServer, channel
 from services.tokenizer.__main__ import EXIT_NO_VOCABULARY, SERVICE_NAME
 from services.tokenizer.servicer import OFFLOAD_ABOVE_CHARS

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+
+import services
 from services.common.pb import (
     common_pb2,
     router_pb2,
@@ -27,8 +29,6 @@ from services.common.pb import (
     tokenizer_pb2,
     tokenizer_pb2_grpc,
 )
-
-import services
 from services.launcher import Stack, free_port
 from tests.unit.test_shard_bytes import make_checkpoint
 

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from services.common.pb import common_pb2, gateway_pb2, sharder_pb2
 
 from services.common.gpt2.config import GPT2Config
 from services.common.gpt2.model import GPT2Stage, KVCache
 from services.common.model_config_pb import model_config_to_pb
+from services.common.pb import common_pb2, gateway_pb2, sharder_pb2
 from services.sharder.shards import read_shard
 from services.wire import syn1
 from services.wire.gateway_client import GatewayClient

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from services.common.pb import common_pb2
 
+from services.common.pb import common_pb2
 from services.wire import syn1
 from tests.checkpoints import load_reference
 from tests.integration.gateway_fixtures import RunningGateway

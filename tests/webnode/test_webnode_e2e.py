@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from services.common.pb import router_pb2
 
+from services.common.pb import router_pb2
 from services.launcher import Stack
 from tests.checkpoints import load_reference, make_random_checkpoint
 from tests.e2e.conftest import EXACT_ENV, generate, greedy_reference, wait_for_pipeline
