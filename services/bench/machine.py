@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -45,6 +46,7 @@ def describe(argv: list[str] | None = None) -> dict[str, object]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),
+        "redis_server": shutil.which("redis-server") is not None,  # stacks use Redis only where it is installed
         "load_average": [round(x, 2) for x in os.getloadavg()],  # 1, 5, 15 min: others' work skews figures
         "command": shlex.join(["synapse", *(sys.argv[1:] if argv is None else argv)]),
     }

@@ -43,6 +43,8 @@ def render(results: dict, plots: list[str]) -> str:
         f"{machine['load_average'][0]} at the end",
         f"- model: {results['model']['label']}; device {options['device']}, dtype {options['dtype']}; "
         f"{options['tokens']} decode tokens per stream{' (--quick)' if options['quick'] else ''}",
+        "- stacks: every service a process, "
+        + ("Redis holding the registry" if machine["redis_server"] else "the registry in memory (no redis-server)"),
         f"- finished {results['finished_at']} after {results['seconds']:.0f} s",
         "",
         "Every figure below was measured in this one run, scenario after scenario on the same machine.",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -25,8 +26,9 @@ STREAM_TIMEOUT_S = 1800.0
 def running_stack(
     model: str, workdir: Path, name: str, *, nodes: int, env: dict[str, str], node_env: dict[str, str]
 ) -> Iterator[Stack]:
-    """A stack of processes with Redis, logs under <workdir>/<name>/logs. Every stack of one bench run shares
-    the shard files and node caches under <workdir>, so the model is cut and downloaded once."""
+    """A stack of processes with Redis (where redis-server is installed), logs under <workdir>/<name>/logs.
+    Every stack of one bench run shares the shard files and node caches under <workdir>, so the model is cut and
+    downloaded once."""
     folder = workdir / name
     folder.mkdir(parents=True, exist_ok=True)
     for shared in ("shards", "node-cache"):
@@ -34,7 +36,9 @@ def running_stack(
         link = folder / shared
         if not link.exists():
             link.symlink_to(workdir / shared, target_is_directory=True)
-    with redis_server(folder) as redis_url:
+    with contextlib.ExitStack() as resources:
+        # Redis holds the registry, as in production; without redis-server the registry stays in memory.
+        redis_url = resources.enter_context(redis_server(folder)) if shutil.which("redis-server") else None
         stack = Stack(model=model, workdir=folder, nodes=nodes, redis_url=redis_url, env=env, node_env=node_env)
         with stack:
             yield stack
