@@ -81,6 +81,8 @@ def _streams(scenarios: dict):
             counts, [points[c] for c in counts], marker="o", label=label, linestyle="--" if "single" in label else "-"
         )
     axes.set_xscale("log", base=2)
+    counts = sorted({c for points in lines.values() for c in points})
+    axes.set_xticks(counts, [str(c) for c in counts])
     axes.set_yscale("log")
     axes.set_xlabel("concurrent streams")
     axes.set_ylabel("aggregate tokens/s")
@@ -108,6 +110,8 @@ def _prefill(scenarios: dict):
             lengths, [points[n] for n in lengths], marker="o", label=label, linestyle="--" if "single" in label else "-"
         )
     axes.set_xscale("log", base=2)
+    lengths = sorted({n for points in lines.values() for n in points})
+    axes.set_xticks(lengths, [str(n) for n in lengths])
     axes.set_xlabel("prompt tokens")
     axes.set_ylabel("time to first token, ms")
     axes.set_title("Prefill")

@@ -37,7 +37,8 @@ def ratios(scenarios: dict[str, dict]) -> dict[str, dict[str, float | None]]:
     }
     for nodes, run in runs["stack"].items():
         rate = _get(run, "decode_tokens_per_s")
-        found["stack_vs_single_process"][nodes] = _ratio(rate, reference)
+        adjacent = _get(run, "single_process_decode_tokens_per_s")  # timed right after the stack's stream
+        found["stack_vs_single_process"][nodes] = _ratio(rate, adjacent if adjacent is not None else reference)
         if graph is not None:
             found["stack_vs_cuda_graph"][nodes] = _ratio(rate, graph)
         found["overhead_share"][nodes] = _get(run, "overhead_share")

@@ -78,7 +78,7 @@ def _status(scenarios: dict) -> list[str]:
 def _ratios(found: dict) -> list[str]:
     lines = ["## Ratios (side by side)", "", "| ratio | measured on | value |", "|---|---|---|"]
     labels = {
-        "stack_vs_single_process": "decode tokens/s, whole stack ÷ one transformers process (1 stream)",
+        "stack_vs_single_process": "decode tokens/s, whole stack ÷ one transformers process, timed after it (1 stream)",
         "stack_vs_cuda_graph": "decode tokens/s, whole stack ÷ one-process CUDA-graph decode (1 stream)",
         "overhead_share": "overhead share: non-compute share of a decode token's time (1 stream)",
         "streams_8_vs_1": "aggregate tokens/s, 8 streams ÷ 1 stream",
@@ -112,6 +112,7 @@ def _token_time(scenarios: dict) -> list[str]:
     rows = [
         ("decode tokens/s", lambda r: _f(r["decode_tokens_per_s"])),
         ("decode tokens/s (client's clock)", lambda r: _f(r["client_decode_tokens_per_s"])),
+        ("one transformers process, timed right after", lambda r: _f(r.get("single_process_decode_tokens_per_s"))),
         ("time to first token, ms", lambda r: _f(r["time_to_first_token_ms"])),
         ("overhead share", lambda r: _pct(r["overhead_share"])),
         ("hops per step", lambda r: _f(r["hops_per_step"], 2)),

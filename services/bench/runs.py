@@ -19,7 +19,7 @@ WARMUP_TOKENS = 4
 def baseline(suite: Suite, scenario: Scenario) -> None:
     import torch
 
-    from services.bench.baseline import TransformersBaseline, cuda_graph_rates, load_stage
+    from services.bench.baseline import cuda_graph_rates, load_stage
 
     options = suite.options
     device, dtype = torch.device(options.device), options.torch_dtype
@@ -27,7 +27,7 @@ def baseline(suite: Suite, scenario: Scenario) -> None:
         torch.set_num_threads(options.threads)
     log.info("bench_baseline", extra={"model": suite.model, "device": str(device), "dtype": str(dtype)})
 
-    model = scenario.attempt("transformers", lambda: TransformersBaseline(suite.model, device, dtype))
+    model = scenario.attempt("transformers", suite.reference)
     if model is not None:
         del scenario.runs["transformers"]  # the model itself is no figure; its runs go under this key
         scenario.attempt(
@@ -105,9 +105,14 @@ def stack(suite: Suite, nodes: int, measurements: list[str], *, speculation_off:
     try:
         with _stack(suite, f"stack-{nodes}-nodes", nodes) as (running, client):
             if "stack" in measurements:
-                suite.scenarios["stack"].attempt(
+                run = suite.scenarios["stack"].attempt(
                     key, lambda: through_stack.single_stream(running, client, PROMPT, options.tokens)
                 )
+                if run is not None:  # the single process again, right after the stream: the same minute's load
+                    suite.scenarios["stack"].attempt(
+                        (key, "single_process_decode_tokens_per_s"),
+                        lambda: suite.reference().decode_rate(PROMPT, options.tokens, options.repeats),
+                    )
             if "prefill" in measurements:
                 vocab = client.topology().config.vocab_size
                 for length in options.prefill:

@@ -101,6 +101,21 @@ class Suite:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.model, self.model_label = resolve(options.model, self.workdir, tiny=options.quick)
         self.scenarios = {name: Scenario() for name in SCENARIOS}
+        self._reference = None
+
+    def reference(self):
+        """The transformers baseline, loaded once: the stack scenario times it again next to each stack's
+        stream, so a machine others share is measured in the same minute on both sides of the ratio."""
+        if self._reference is None:
+            import torch
+
+            from services.bench.baseline import TransformersBaseline
+
+            if self.options.threads:
+                torch.set_num_threads(self.options.threads)
+            device = torch.device(self.options.device)
+            self._reference = TransformersBaseline(self.model, device, self.options.torch_dtype)
+        return self._reference
 
     def run(self) -> dict[str, object]:
         started = time.perf_counter()

@@ -50,6 +50,7 @@ def test_the_scenarios_carry_their_figures(bench) -> None:
     assert set(transformers["prefill"]) == {"16"}  # 2000 tokens fail here too (see below)
     stack = scenarios["stack"]["runs"]["2"]
     assert scenarios["stack"]["status"] == "ok" and stack["decode_tokens_per_s"] > 0
+    assert stack["single_process_decode_tokens_per_s"] > 0  # the baseline again, next to the stack's stream
     assert set(stack["token_ms"]) == PARTS and stack["token_ms"]["compute"] > 0
     assert 0 < stack["overhead_share"] < 1 and stack["hops_per_step"] > 1  # two nodes: two hops a step
     assert set(stack["node_compute_ms"]) == {"node-0", "node-1"}
