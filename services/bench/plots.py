@@ -140,6 +140,7 @@ def _speculation(scenarios: dict):
     for axes, label in ((rate, "decode tokens/s"), (per_trip, "tokens per round trip")):
         axes.set_xticks(range(len(prompts)), [f"{p} prompt" for p in prompts])
         axes.set_ylabel(label)
-        axes.legend(fontsize=8)
+    per_trip.legend(fontsize=8, loc="lower right")
     figure.suptitle("Speculative decoding (prompt lookup)")
+    figure.tight_layout()
     return figure

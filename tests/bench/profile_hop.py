@@ -30,28 +30,41 @@ from services.client import SynapseClient
 RATE_HZ = 1000
 
 
-def summarize(path: Path, top: int) -> list[str]:
-    """The `top` functions by self and by inclusive share of a collapsed-stack file's samples."""
+# Frames every sample of a process sits under (the interpreter, the event loop, thread start-up): left out of
+# the inclusive list, which is there to show the domain code's share.
+GENERIC = ("(runners.py)", "(base_events.py)", "(events.py)", "(<frozen runpy>)", "<module> (", "(threading.py)")
+
+
+def summarize(path: Path, top: int, tokens: int) -> list[str]:
+    """The `top` functions by self and by inclusive samples of a collapsed-stack file, as µs per decode token."""
     own: collections.Counter[str] = collections.Counter()
     under: collections.Counter[str] = collections.Counter()
     total = 0
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if not stack:
-            continue
-        frames = [frame.split(" (")[0] + " (" + frame.split(" (")[1].split("/")[-1] if " (" in frame else frame
-                  for frame in stack.split(";")[1:]]  # fmt: skip
+        frames = [_short(frame) for frame in stack.split(";")[1:]]  # the first is the thread
         if not frames:
             continue
         samples = int(count)
         total += samples
         own[frames[-1]] += samples
         for frame in set(frames):
-            under[frame] += samples
-    lines = [f"  {total} busy samples ({total / RATE_HZ:.1f} s of CPU at {RATE_HZ} Hz)"]
-    lines += ["  self:"] + [f"    {n / total * 100:5.1f} %  {f}" for f, n in own.most_common(top)]
-    lines += ["  inclusive:"] + [f"    {n / total * 100:5.1f} %  {f}" for f, n in under.most_common(top)]
+            if not any(generic in frame for generic in GENERIC):
+                under[frame] += samples
+
+    def us(samples: int) -> str:
+        return f"{samples / RATE_HZ / tokens * 1e6:8.0f} µs/token {samples / total * 100:5.1f} %"
+
+    lines = [f"  busy: {us(total)}"]
+    lines += ["  self:"] + [f"    {us(n)}  {f}" for f, n in own.most_common(top)]
+    lines += ["  inclusive:"] + [f"    {us(n)}  {f}" for f, n in under.most_common(top)]
     return lines
+
+
+def _short(frame: str) -> str:
+    """'name (path/to/file.py)' -> 'name (file.py)'."""
+    name, _, where = frame.partition(" (")
+    return f"{name} ({where.rsplit('/', 1)[-1]}" if where else name
 
 
 def main() -> None:
@@ -122,10 +135,13 @@ def main() -> None:
         worker.join()
     tokens = counted["tokens"] - started.get("tokens", 0)
     ms = counted["ms"] - started.get("ms", 0.0)
-    print(f"{args.nodes} native node(s), 1 stream: {tokens / (ms / 1e3):.1f} decode tokens/s while sampled")
+    print(
+        f"{args.nodes} native node(s), 1 stream: {tokens} tokens, "
+        f"{tokens / (ms / 1e3):.1f} decode tokens/s while sampled"
+    )
     for name in names:
         print(f"{name}:")
-        print("\n".join(summarize(args.out / f"{name}.txt", args.top)))
+        print("\n".join(summarize(args.out / f"{name}.txt", args.top, tokens)))
 
 
 if __name__ == "__main__":
