@@ -22,6 +22,7 @@ from services.gateway.admission import (
     CLOSE_POLICY,
     CLOSE_RATE_LIMITED,
     CLOSE_TOO_BIG,
+    CLOSE_TRY_AGAIN_LATER,
     CLOSE_UNAUTHORIZED,
     AddressSlots,
     Refusal,
@@ -29,6 +30,7 @@ from services.gateway.admission import (
 )
 from services.gateway.hub import Hub, record_for
 from services.gateway.nodes import NodeConnection
+from services.gateway.registry import RegistryUnavailable
 from services.gateway.settings import GatewaySettings
 from services.wire import control, syn1
 
@@ -131,7 +133,12 @@ class NodeEndpoint:
         except ConnectionClosed as closed:
             _report_closed(websocket, None, closed)
             return
-        quarantined = await self.hub.refusal(hello.node_id)
+        try:
+            quarantined = await self.hub.refusal(hello.node_id)
+        except RegistryUnavailable as error:
+            why = f"registry unavailable, try again later: {error}"  # the close reason keeps the first 123 bytes
+            await refuse(websocket, hello.node_id, Refusal("registry_unavailable", why, CLOSE_TRY_AGAIN_LATER))
+            return
         if quarantined is not None:
             log.warning("node_refused", extra={"node": hello.node_id, "why": quarantined})
             await refuse(websocket, hello.node_id, Refusal("quarantined", f"node {hello.node_id} is {quarantined}"))
