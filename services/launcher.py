@@ -49,6 +49,7 @@ class Process:
     log_path: Path
     grpc_address: str | None = None
     metrics_port: int | None = None
+    env: dict[str, str] = field(default_factory=dict, repr=False)  # what it was started with (start_again reuses it)
 
     @property
     def metrics_url(self) -> str:
@@ -172,19 +173,18 @@ class Stack:
         prefix = f"SYNAPSE_{service.upper()}_"
         env.update({prefix + key: str(value) for key, value in settings.items()})
         log_path = self.workdir / "logs" / f"{name}.log"
-        with log_path.open("ab") as log_file:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", f"services.{service}"],
-                env=env,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
         address = f"127.0.0.1:{grpc_port}" if grpc_port else None
-        process = Process(name, popen, log_path, address, int(str(settings["METRICS_PORT"])))
+        process = Process(name, _popen(service, env, log_path), log_path, address, int(str(settings["METRICS_PORT"])))
+        process.env = env
         self.processes.append(process)
         return process
+
+    def start_again(self, process: Process, timeout_s: float = 120.0) -> None:
+        """Start a stopped (or killed) process again with the same settings: same ports, same log."""
+        assert process.popen.poll() is not None, f"{process.name} is still running"
+        service = process.popen.args[-1].removeprefix("services.")
+        process.popen = _popen(service, process.env, process.log_path)
+        self.wait_healthy(timeout_s)
 
     def process(self, name: str) -> Process:
         return next(p for p in self.processes if p.name == name)
@@ -226,6 +226,18 @@ class Stack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _popen(service: str, env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    with log_path.open("ab") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", f"services.{service}"],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
 
 def _serving(address: str) -> bool:

@@ -33,6 +33,12 @@ class NodeSettings(ProcessSettings):
     kv_slots: int | None = Field(
         None, gt=0, description="KV cache slots (concurrent requests) per stage; default 2 x max_batch, fit to memory."
     )
+    shard_retry_s: float = Field(
+        60.0,
+        ge=0,
+        description="How long a broken shard download is retried (resuming where it broke, backoff 0.5 s doubling "
+        "to 8 s) before the load fails and the node leaves to rejoin.",
+    )
     reconnect_min_s: float = Field(0.5, gt=0, description="First reconnect delay; doubles up to reconnect_max_s.")
     reconnect_max_s: float = Field(15.0, gt=0, description="Longest reconnect delay.")
     fault_injection: Literal["none", "wrong_numbers", "never_ready"] = Field(

@@ -16,6 +16,7 @@ from services.sharder.manifest import ShardManifest
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
+PACED_CHUNK_MIN_BYTES = 16 << 10  # a capped download goes in chunks of an eighth of a second's bytes, at least this
 RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 CORS = {
     "Access-Control-Allow-Origin": "*",
@@ -42,7 +43,8 @@ async def add_cors(request: web.Request, response: web.StreamResponse) -> None:
     response.headers.update(CORS)
 
 
-def make_app(catalog: Catalog) -> web.Application:
+def make_app(catalog: Catalog, max_bytes_per_s: int | None = None) -> web.Application:
+    """The download app; max_bytes_per_s paces each shard file sent (None = as fast as it goes)."""
     app = web.Application(middlewares=[preflight])
     app.on_response_prepare.append(add_cors)
 
@@ -53,7 +55,7 @@ def make_app(catalog: Catalog) -> web.Application:
             raise web.HTTPNotFound(text=str(error)) from None
         if request.match_info["ext"] == "json":
             return web.Response(text=manifest.to_json(), content_type="application/json")
-        return await _send_file(request, catalog, manifest)
+        return await _send_file(request, catalog, manifest, max_bytes_per_s)
 
     async def health(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -63,7 +65,9 @@ def make_app(catalog: Catalog) -> web.Application:
     return app
 
 
-async def _send_file(request: web.Request, catalog: Catalog, manifest: ShardManifest) -> web.StreamResponse:
+async def _send_file(
+    request: web.Request, catalog: Catalog, manifest: ShardManifest, max_bytes_per_s: int | None
+) -> web.StreamResponse:
     size, etag = manifest.byte_size, f'"{manifest.sha256}"'
     headers = {
         "ETag": etag,
@@ -96,12 +100,18 @@ async def _send_file(request: web.Request, catalog: Catalog, manifest: ShardMani
             return response
         handle.seek(start)
         remaining = end - start + 1
+        chunk_bytes = min(CHUNK_BYTES, max(PACED_CHUNK_MIN_BYTES, (max_bytes_per_s or CHUNK_BYTES) // 8))
+        loop = asyncio.get_running_loop()
+        started, sent = loop.time(), 0
         while remaining > 0:
-            chunk = await asyncio.to_thread(handle.read, min(CHUNK_BYTES, remaining))
+            chunk = await asyncio.to_thread(handle.read, min(chunk_bytes, remaining))
             if not chunk:
                 break
             await response.write(chunk)
             remaining -= len(chunk)
+            sent += len(chunk)
+            if max_bytes_per_s:  # ahead of the cap: wait until the bytes sent are due
+                await asyncio.sleep(max(0.0, started + sent / max_bytes_per_s - loop.time()))
     await response.write_eof()
     return response
 

@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import ConnectionClosed
@@ -159,3 +160,54 @@ def test_redis_restarted_under_traffic_streams_stay_exact_and_the_registry_is_re
         assert tokens_of(responses) == greedy_reference(reference, PROMPT, 8)
     finally:
         server.stop()
+
+
+# --- the sharder restarted during a shard download ---------------------------------------------------------
+
+SLOW_SHARDER = {"SYNAPSE_SHARDER_HTTP_MAX_BYTES_PER_S": "3000000"}  # ~4 s per 13 MB shard: a download to catch
+
+
+def partial_downloads(stack: Stack) -> dict[Path, int]:
+    """Every node's .part files now, with their sizes."""
+    found = {}
+    for path in (stack.workdir / "node-cache").glob("*/*/*.part"):
+        with contextlib.suppress(FileNotFoundError):
+            found[path] = path.stat().st_size
+    return found
+
+
+def kill_sharder_mid_download(stack: Stack) -> None:
+    eventually_sync(lambda: any(size >= 1 << 20 for size in partial_downloads(stack).values()), 90, "a download")
+    stack.stop_process(stack.process("sharder"), signal.SIGKILL)
+
+
+def node_events(stack: Stack, event: str) -> list[dict]:
+    return [record for index in range(2) for record in log_events(stack, f"node-{index}", event)]
+
+
+def test_sharder_killed_mid_download_and_started_again_the_download_resumes(make_stack, reference) -> None:
+    stack = make_stack(2, env=SLOW_SHARDER)
+    kill_sharder_mid_download(stack)
+    eventually_sync(lambda: node_events(stack, "shard_fetch_retry"), 30, "a node retrying its download")
+    stack.start_again(stack.process("sharder"))
+    wait_for_pipeline(stack, 2)
+    responses = generate(stack.router_address, prompt_token_ids={"ids": PROMPT}, max_tokens=16, ignore_eos=True)
+    assert tokens_of(responses) == greedy_reference(reference, PROMPT, 16)
+    downloaded = node_events(stack, "shard_downloaded")
+    assert len(downloaded) == 2 and any(record["resumed_from"] > 0 for record in downloaded), downloaded
+    assert not node_events(stack, "shard_load_failed")
+    assert not partial_downloads(stack)
+
+
+def test_sharder_killed_mid_download_for_good_requests_end_unavailable_naming_the_layers(make_stack) -> None:
+    env = {**SLOW_SHARDER, "SYNAPSE_NODE_SHARD_RETRY_S": "4", "SYNAPSE_ROUTER_PIPELINE_WAIT_S": "2"}
+    stack = make_stack(2, env=env)
+    kill_sharder_mid_download(stack)
+    with pytest.raises(grpc.RpcError) as caught:
+        generate(stack.router_address, prompt_token_ids={"ids": PROMPT}, max_tokens=4)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "no ready node holds layers [" in caught.value.details(), caught.value.details()
+    # Each node gives up after its retries, leaves to rejoin, and never loads what it has of the shard.
+    eventually_sync(lambda: len(node_events(stack, "shard_load_failed")) >= 2, 60, "both loads given up")
+    assert not list((stack.workdir / "node-cache").glob("*/*/*.safetensors"))
+    assert not node_events(stack, "shard_loaded")
