@@ -1,4 +1,4 @@
-"""HTTP download of shard files and manifests for nodes: ETag = sha256, Content-Length, Range, CORS."""
+"""HTTP download of shard files and manifests for nodes: ETag = sha256, Content-Length, Range, If-Range, CORS."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 CORS = {
     "Access-Control-Allow-Origin": "*",
     "Access-Control-Allow-Methods": "GET, HEAD, OPTIONS",
-    "Access-Control-Allow-Headers": "Range, If-None-Match",
+    "Access-Control-Allow-Headers": "Range, If-Range, If-None-Match",
     "Access-Control-Expose-Headers": "ETag, Content-Length, Content-Range, Accept-Ranges",
 }
 PREFLIGHT_MAX_AGE_S = 86_400  # how long a browser may reuse a preflight answer
@@ -80,7 +80,11 @@ async def _send_file(
     if _matches(request.headers.get("If-None-Match"), manifest.sha256):
         return web.Response(status=304, headers=headers)
     start, end, status = 0, size - 1, 200
-    byte_range = _parse_range(request.headers.get("Range"), size)
+    # If-Range (RFC 9110 13.1.5): resume only the bytes named; another ETag gets the whole file again.
+    if_range = request.headers.get("If-Range")
+    byte_range = (
+        None if if_range is not None and if_range.strip() != etag else _parse_range(request.headers.get("Range"), size)
+    )
     if byte_range is not None:
         start, end = byte_range
         status = 206
