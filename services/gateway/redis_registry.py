@@ -51,6 +51,8 @@ class RedisRegistry:
         self._own: dict[str, NodeRecord] = {}  # this gateway's live nodes, as last put: what a rebuild writes
         self._watchers: set[asyncio.Queue[NodeRecord]] = set()
         self._stale = False  # a write failed: Redis lacks some of this gateway's changes until the next rebuild
+        self._address = ""
+        self._registering = asyncio.Lock()  # one rebuild at a time
 
     async def start(self, gateway_id: str, address: str) -> None:
         try:
@@ -60,8 +62,8 @@ class RedisRegistry:
                 f"cannot reach Redis at {self.url}: {error}; start redis-server or unset "
                 "SYNAPSE_REDIS_URL to keep the registry in memory"
             ) from None
-        self._gateway_id = gateway_id
-        self._liveness = asyncio.create_task(self._keep_alive(gateway_id, address))
+        self._gateway_id, self._address = gateway_id, address
+        self._liveness = asyncio.create_task(self._keep_alive())
         log.info("registry_redis", extra={"url": self.url})
 
     async def close(self) -> None:
@@ -76,14 +78,12 @@ class RedisRegistry:
                 await self.client.delete(GATEWAY_KEY.format(self._gateway_id))
         await self.client.aclose()
 
-    async def _keep_alive(self, gateway_id: str, address: str) -> None:
-        """Refresh this gateway's liveness key; rebuild when Redis lost it; mark orphaned nodes as gone."""
+    async def _keep_alive(self) -> None:
+        """Refresh this gateway's liveness key (rebuilding when Redis lost it); mark orphaned nodes as gone."""
         unreachable = False
         while True:
             try:
-                previous = await self.client.set(GATEWAY_KEY.format(gateway_id), address, ex=LIVENESS_TTL_S, get=True)
-                if previous is None or self._stale:
-                    await self._rebuild(lost=previous is None)
+                await self._register()
                 if unreachable:
                     log.info("registry_redis_back", extra={"url": self.url, "nodes": len(self._own)})
                     unreachable = False
@@ -93,6 +93,14 @@ class RedisRegistry:
                     log.warning("registry_redis_unreachable", extra={"url": self.url, "error": str(error)})
                 unreachable = self._stale = True
             await asyncio.sleep(LIVENESS_PERIOD_S)
+
+    async def _register(self) -> None:
+        """The liveness key; and the whole rebuild when Redis had lost it or missed a write."""
+        async with self._registering:
+            key = GATEWAY_KEY.format(self._gateway_id)
+            previous = await self.client.set(key, self._address, ex=LIVENESS_TTL_S, get=True)
+            if previous is None or self._stale:
+                await self._rebuild(lost=previous is None)
 
     async def _rebuild(self, lost: bool) -> None:
         """Write every node of this gateway again (newer versions) and drop its records of nodes gone since."""
@@ -125,7 +133,12 @@ class RedisRegistry:
                 self._own.pop(record.node_id, None)
         self._publish_here(record)
         try:
-            await self._write(record)
+            if self._stale and record.gateway_id == self._gateway_id:
+                # Redis is back before the next refresh: the key and every node first (this one among them),
+                # so no other gateway's reaper finds a node of this gateway without its liveness key.
+                await self._register()
+            else:
+                await self._write(record)
         except REDIS_ERRORS as error:
             if record.gateway_id != self._gateway_id:
                 raise RegistryUnavailable(f"cannot write node {record.node_id} to Redis: {error}") from None
