@@ -27,18 +27,23 @@ JOIN_TOKEN_DAYS = 365  # the stack's own token: nodes show it at every reconnect
 # Below Linux's ephemeral range (32768-60999): a port the kernel hands to outgoing connections can be
 # taken between choosing it here and the service binding it, which failed stacks at random.
 _PORT_RANGE = (20000, 32000)
+_handed_out: set[int] = set()  # never the same port twice from one process, even once its first user has gone
 
 
 def free_port() -> int:
-    """A port free on 127.0.0.1 now, outside the range the kernel picks client ports from."""
+    """A port free on 127.0.0.1 now, outside the range the kernel picks client ports from, and not handed out
+    before by this process (a stack restarting a process keeps its ports, another stack must not take them)."""
     for _ in range(200):
         port = random.randrange(*_PORT_RANGE)
+        if port in _handed_out:
+            continue
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
+        _handed_out.add(port)
+        return port
     raise Unavailable(f"no free port in {_PORT_RANGE} after 200 tries")
 
 
