@@ -147,9 +147,14 @@ class Stack:
             self.add_node(f"node-{index}", gateway=index % self.gateways)
         self.wait_healthy(timeout_s)
 
+    def node_gateway_urls(self, gateway: int = 0) -> str:
+        """A node's SYNAPSE_NODE_GATEWAY_URL: its own gateway first, then every other one, to fail over to."""
+        order = [*range(gateway, self.gateways), *range(gateway)]
+        return ",".join(self.gateway_url(index) for index in order)
+
     def add_node(self, node_id: str, gateway: int = 0, **settings: object) -> Process:
         values = {
-            "GATEWAY_URL": self.gateway_url(gateway),
+            "GATEWAY_URL": self.node_gateway_urls(gateway),
             "NODE_ID": node_id,
             "LOG_FORMAT": "json",
             "CACHE_DIR": self.workdir / "node-cache" / node_id,

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 WS_PATH = "/ws"
 HEALTH_PATH = "/healthz"  # the load balancer's health check: 200 while this endpoint serves
+KEEPALIVE_TIMEOUT_REASON = "keepalive ping timeout"  # the close reason websockets gives a missed pong
 __all__ = ["CLOSE_POLICY", "WS_PATH", "NodeEndpoint", "static_response"]
 _TYPES = {
     ".js": "text/javascript",
@@ -154,13 +155,24 @@ class NodeEndpoint:
             )
             why = await self._serve(connection, limit)
         except ConnectionClosed as closed:
-            why = f"connection closed ({closed.rcvd.code if closed.rcvd else 'no close frame'})"
+            why = self._closed_why(closed)
             _report_closed(websocket, connection.node_id, closed)
         except Refusal as refusal:
             why = refusal.message
             await refuse(websocket, connection.node_id, refusal)
         finally:
             await self.hub.left(connection, why)
+
+    def _closed_why(self, closed: ConnectionClosed) -> str:
+        """Why a node's connection ended, in words: a lost heartbeat (the node stopped answering pings: hung,
+        suspended, or its network silently gone) or what the close frames said."""
+        if closed.sent is not None and closed.sent.reason == KEEPALIVE_TIMEOUT_REASON:
+            settings = self.settings
+            return (
+                f"heartbeat lost: no pong within {settings.heartbeat_timeout_s:g} s of a ping "
+                "(SYNAPSE_GATEWAY_HEARTBEAT_TIMEOUT_S)"
+            )
+        return f"connection closed ({closed.rcvd.code if closed.rcvd else 'no close frame'})"
 
     async def _hello(self, websocket: ServerConnection, limit: TokenBucket) -> control.Hello:
         timeout_s = self.settings.hello_timeout_s
