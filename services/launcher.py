@@ -30,18 +30,23 @@ JOIN_TOKEN_DAYS = 365  # the stack's own token: nodes show it at every reconnect
 # Below Linux's ephemeral range (32768-60999): a port the kernel hands to outgoing connections can be
 # taken between choosing it here and the service binding it, which failed stacks at random.
 _PORT_RANGE = (20000, 32000)
+_handed_out: set[int] = set()  # never the same port twice from one process, even once its first user has gone
 
 
 def free_port() -> int:
-    """A port free on 127.0.0.1 now, outside the range the kernel picks client ports from."""
+    """A port free on 127.0.0.1 now, outside the range the kernel picks client ports from, and not handed out
+    before by this process (a stack restarting a process keeps its ports, another stack must not take them)."""
     for _ in range(200):
         port = random.randrange(*_PORT_RANGE)
+        if port in _handed_out:
+            continue
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
+        _handed_out.add(port)
+        return port
     raise Unavailable(f"no free port in {_PORT_RANGE} after 200 tries")
 
 
@@ -52,6 +57,7 @@ class Process:
     log_path: Path
     grpc_address: str | None = None
     metrics_port: int | None = None
+    env: dict[str, str] = field(default_factory=dict, repr=False)  # what it was started with (start_again reuses it)
 
     @property
     def metrics_url(self) -> str:
@@ -144,9 +150,14 @@ class Stack:
             self.add_node(f"node-{index}", gateway=index % self.gateways)
         self.wait_healthy(timeout_s)
 
+    def node_gateway_urls(self, gateway: int = 0) -> str:
+        """A node's SYNAPSE_NODE_GATEWAY_URL: its own gateway first, then every other one, to fail over to."""
+        order = [*range(gateway, self.gateways), *range(gateway)]
+        return ",".join(self.gateway_url(index) for index in order)
+
     def add_node(self, node_id: str, gateway: int = 0, **settings: object) -> Process:
         values = {
-            "GATEWAY_URL": self.gateway_url(gateway),
+            "GATEWAY_URL": self.node_gateway_urls(gateway),
             "NODE_ID": node_id,
             "LOG_FORMAT": "json",
             "CACHE_DIR": self.workdir / "node-cache" / node_id,
@@ -175,19 +186,18 @@ class Stack:
         prefix = f"SYNAPSE_{service.upper()}_"
         env.update({prefix + key: str(value) for key, value in settings.items()})
         log_path = self.workdir / "logs" / f"{name}.log"
-        with log_path.open("ab") as log_file:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", f"services.{service}"],
-                env=env,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
         address = f"127.0.0.1:{grpc_port}" if grpc_port else None
-        process = Process(name, popen, log_path, address, int(str(settings["METRICS_PORT"])))
+        process = Process(name, _popen(service, env, log_path), log_path, address, int(str(settings["METRICS_PORT"])))
+        process.env = env
         self.processes.append(process)
         return process
+
+    def start_again(self, process: Process, timeout_s: float = 120.0) -> None:
+        """Start a stopped (or killed) process again with the same settings: same ports, same log."""
+        assert process.popen.poll() is not None, f"{process.name} is still running"
+        service = process.popen.args[-1].removeprefix("services.")
+        process.popen = _popen(service, process.env, process.log_path)
+        self.wait_healthy(timeout_s)
 
     def process(self, name: str) -> Process:
         return next(p for p in self.processes if p.name == name)
@@ -229,6 +239,18 @@ class Stack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _popen(service: str, env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    with log_path.open("ab") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", f"services.{service}"],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
 
 def _serving(address: str) -> bool:

@@ -88,8 +88,7 @@ class Scheduler:
         self.verified_route = pipeline.route(verifiers) if any(verifiers) else self.route
         self.verifier_ids = sorted({node for stage in verifiers for node in stage})
         self.gateway = engine.gateways.get(pipeline.stages[0].gateway_address)
-        # Drafts need every stage to answer every row of a PREDICTED frame: native nodes do (web nodes not yet).
-        self.draft_tokens = engine.settings.speculate_tokens if pipeline.all_native else 0
+        self.draft_tokens = engine.settings.speculate_tokens  # native and web nodes answer PREDICTED frames
         self.requests: list[Generation] = []
         self._wake = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
