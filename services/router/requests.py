@@ -28,7 +28,7 @@ class TokenEvent:
     finish_reason: str | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # an entity: two requests are never equal, however alike (`in` and remove() by identity)
 class Generation:
     """A request in flight. `position` = tokens the pipeline's KV caches hold; `pending` = tokens to send."""
 

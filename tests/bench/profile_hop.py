@@ -1,7 +1,7 @@
 """Where the microseconds of one hop go: py-spy samples the router, the gateway and a native node of a running
 stack while one stream decodes, and prints each process's busiest functions.
 
-    python tests/bench/profile_hop.py [--nodes 1] [--seconds 20] [--model DIR] [--out var/profile]
+    python tests/bench/profile_hop.py [--nodes 1] [--streams 1] [--seconds 20] [--model DIR|tiny] [--out var/profile]
 
 Full-size GPT-2 124M with random weights by default (services/bench/checkpoint.py). py-spy (pip install
 py-spy) records each process at 1 kHz in raw (collapsed-stack) form, idle threads left out, into --out;
@@ -71,7 +71,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--model", default=None)
+    parser.add_argument("--model", default=None, help="a checkpoint folder, or 'tiny' (compute ~0: overhead only)")
+    parser.add_argument("--streams", type=int, default=1, help="concurrent streams decoding while sampled")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the nodes")
     parser.add_argument("--top", type=int, default=14)
     parser.add_argument("--out", type=Path, default=Path("var/profile"))
@@ -80,7 +81,10 @@ def main() -> None:
     if not py_spy:
         raise SystemExit("py-spy is not installed: pip install py-spy")
     args.out.mkdir(parents=True, exist_ok=True)
-    model = args.model or str(random_gpt2(args.out / "gpt2-124m-random"))
+    if args.model == "tiny":
+        model = str(random_gpt2(args.out / "gpt2-tiny-random", tiny=True))
+    else:
+        model = args.model or str(random_gpt2(args.out / "gpt2-124m-random"))
     env, node_env = {}, {"SYNAPSE_NODE_THREADS": str(args.threads)}
     with (
         running_stack(model, args.out, "stack", nodes=args.nodes, env=env, node_env=node_env) as stack,
@@ -101,8 +105,9 @@ def main() -> None:
                     if stop.is_set():
                         break
 
-        worker = threading.Thread(target=stream)
-        worker.start()
+        workers = [threading.Thread(target=stream) for _ in range(args.streams)]
+        for worker in workers:
+            worker.start()
         time.sleep(1.0)
         names = ["router", "gateway-0", *(f"node-{index}" for index in range(args.nodes))]
         recorders = {
@@ -132,12 +137,14 @@ def main() -> None:
         for recorder in recorders.values():
             recorder.wait()
         stop.set()
-        worker.join()
+        for worker in workers:
+            worker.join()
     tokens = counted["tokens"] - started.get("tokens", 0)
     ms = counted["ms"] - started.get("ms", 0.0)
     print(
-        f"{args.nodes} native node(s), 1 stream: {tokens} tokens, "
-        f"{tokens / (ms / 1e3):.1f} decode tokens/s while sampled"
+        f"{args.nodes} native node(s), {args.streams} stream(s): {tokens} tokens, "
+        f"{tokens / (ms / 1e3) * args.streams:.1f} decode tokens/s while sampled (all streams, by step_ms; "
+        f"{tokens / args.seconds:.1f} by the clock)"
     )
     for name in names:
         print(f"{name}:")
