@@ -55,8 +55,15 @@ def stream(address: str, prompt: list[int], max_tokens: int, on_token=None) -> l
 def test_prometheus_scrapes_every_gateway_instance(deployment: Deployment) -> None:
     # Targets come from DNS, refreshed every 5 s, and a target counts once it has been scraped: wait for the whole
     # set, each service once (each gateway and node on its own address), rather than the gateways alone.
-    expected = {"router": 1, "tokenizer": 1, "sampler": 1, "sharder": 1, "loadbalancer": 1, "gateway": GATEWAYS,
-                "node": NODES}
+    expected = {
+        "router": 1,
+        "tokenizer": 1,
+        "sampler": 1,
+        "sharder": 1,
+        "loadbalancer": 1,
+        "gateway": GATEWAYS,
+        "node": NODES,
+    }
     deadline = time.monotonic() + 120
     while True:
         up = {(s["metric"]["job"], s["metric"]["instance"]): s["value"][1] for s in deployment.query_now("up")}
