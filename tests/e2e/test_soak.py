@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_a_short_soak_keeps_every_invariant(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
     command = [sys.executable, "-m", "tests.soak.soak", "--minutes", "0.2", "--streams", "6", "--nodes", "2"]
-    command += ["--kill-every-s", "5", "--down-s", "2", "--templates", "6", "--out", str(out)]
+    command += ["--kill-every-s", "5", "--down-s", "2", "--warmup-s", "4", "--templates", "6", "--out", str(out)]
     command += ["--workdir", str(tmp_path / "work")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

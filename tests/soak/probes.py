@@ -111,10 +111,28 @@ def rss(stack: Stack) -> dict[str, int]:
     sizes = {}
     for process in live(stack):
         if process.name == "router" or process.name.startswith(("gateway", "node")):
-            for line in Path(f"/proc/{process.popen.pid}/status").read_text().splitlines():
+            try:
+                status = Path(f"/proc/{process.popen.pid}/status").read_text()
+            except FileNotFoundError:  # killed a moment ago
+                continue
+            for line in status.splitlines():
                 if line.startswith("VmRSS:"):
                     sizes[process.name] = int(line.split()[1]) * 1024
     return sizes
+
+
+class RssTimeline:
+    """RSS of router, gateways and nodes every period_s while the soak runs, MiB, for the report."""
+
+    def __init__(self, stack: Stack, started: float, period_s: float = 10.0) -> None:
+        self.stack, self.started, self.period_s = stack, started, period_s
+        self.samples: list[dict[str, float]] = []
+
+    async def run(self, until: float) -> None:
+        while time.monotonic() < until:
+            sizes = {name: round(size / 2**20, 1) for name, size in rss(self.stack).items()}
+            self.samples.append({"t_s": round(time.monotonic() - self.started, 1), **sizes})
+            await asyncio.sleep(min(self.period_s, max(until - time.monotonic(), 0.0)))
 
 
 def describe_run(args: argparse.Namespace) -> dict:
@@ -125,6 +143,7 @@ def describe_run(args: argparse.Namespace) -> dict:
         "kill_every_s": args.kill_every_s,
         "down_s": args.down_s,
         "templates": args.templates,
+        "warmup_s": args.warmup_s,
         "seed": args.seed,
         "machine": f"{os.cpu_count()} cores {platform.machine()}, {platform.system()} {platform.release()}",
         "cpu": _cpu_model(),

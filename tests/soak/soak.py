@@ -6,7 +6,8 @@ meanwhile; it counts what the streams got and checks the invariants (docs/reliab
 Loopback only, bounded in time (the streams stop at --minutes; the wind-down after is bounded too). Exits 1
 when an invariant fails: every stream ends the way its mode allows (no UNAVAILABLE, no hang), 0 tokens lost,
 duplicated or reordered, 0 KV caches left on the nodes, router and gateway with no request left, and the
-RSS of router, gateway and nodes within --rss-tolerance of the baseline measured after warm-up.
+RSS of router, gateway and every node never restarted within --rss-tolerance of the baseline measured after
+the warm-up (a restarted node is another process: its RSS is reported, not compared).
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kill-every-s", type=float, default=20.0, help="mean seconds between node kills")
     parser.add_argument("--down-s", type=float, default=5.0, help="seconds a killed node stays down")
     parser.add_argument("--templates", type=int, default=24, help="distinct requests with known answers")
+    parser.add_argument(
+        "--warmup-s", type=float, default=30.0, help="full load, one node restarted, before the baseline"
+    )
     parser.add_argument("--rss-tolerance", type=float, default=0.10, help="allowed RSS growth over baseline")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("soak.json"), help="the report, as JSON")
@@ -97,14 +101,17 @@ class Chaos:
             await asyncio.sleep(self.rng.uniform(0.5, 1.5) * self.args.kill_every_s)
             if time.monotonic() + self.args.down_s >= until:
                 return
-            name = self.rng.choice(victims)
-            process = self.stack.process(name)
-            self.stack.stop_process(process, signal.SIGKILL)
-            killed_at = time.monotonic()
-            await asyncio.sleep(self.args.down_s)
-            restarted = self.stack.add_node(name)
-            at_s = round(killed_at - self.started, 1)
-            self.kills.append({"node": name, "pid": process.popen.pid, "new_pid": restarted.popen.pid, "at_s": at_s})
+            await self.cycle(self.rng.choice(victims))
+
+    async def cycle(self, name: str) -> None:
+        """SIGKILL the node, wait down_s, start it again under its name."""
+        process = self.stack.process(name)
+        self.stack.stop_process(process, signal.SIGKILL)
+        killed_at = time.monotonic()
+        await asyncio.sleep(self.args.down_s)
+        restarted = self.stack.add_node(name)
+        at_s = round(killed_at - self.started, 1)
+        self.kills.append({"node": name, "pid": process.popen.pid, "new_pid": restarted.popen.pid, "at_s": at_s})
 
 
 async def traffic(
@@ -132,9 +139,16 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict:
             await probes.wait_for_pipeline(stub, args.nodes)
             templates = make_templates(args.templates, SHAPE["vocab_size"], rng)
             answers, mismatches = await references(stub, templates, workdir / "tiny-gpt2")
-            warm = Tally()  # warm-up: every template at once, so every path has run before the baseline
-            pairs = zip(templates, answers, strict=True)
-            await asyncio.gather(*(run_stream(stub, t, a, "complete", rng, warm) for t, a in pairs))
+            # Warm-up: the full load with one node killed and restarted (so every node has loaded a shard again
+            # and touched as much of its KV pool as the load does) before the baseline is taken.
+            warm, warm_chaos = Tally(), Chaos(stack, args, rng, time.monotonic())
+            warm_until = time.monotonic() + args.warmup_s
+            await asyncio.gather(
+                warm_chaos.cycle("node-1"),
+                *(traffic(stub, templates, answers, warm_until, random.Random(rng.random()), warm)
+                  for _ in range(args.streams)),
+            )  # fmt: skip
+            await probes.restore(stack, stub, args.nodes)
             await probes.settle(stack, args.nodes)
             baseline = probes.rss(stack)
             started = time.monotonic()
@@ -144,12 +158,14 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict:
                 traffic(stub, templates, answers, until, random.Random(rng.random()), tally)
                 for _ in range(args.streams)
             ]
-            await asyncio.gather(chaos.run(until), *workers)
+            timeline = probes.RssTimeline(stack, started)
+            await asyncio.gather(chaos.run(until), timeline.run(until), *workers)
             elapsed = time.monotonic() - started
             await probes.restore(stack, stub, args.nodes)
             left = await probes.settle(stack, args.nodes)
             after = probes.rss(stack)
             report.update(probes.summary(tally, warm, chaos.kills, mismatches, left, baseline, after, elapsed, args))
+            report["rss_timeline"] = timeline.samples
     return report
 
 
