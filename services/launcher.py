@@ -15,13 +15,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services import stack_ports
 from services.common.errors import Unavailable
 from services.common.join_tokens import issue, new_secret
 
@@ -50,6 +51,25 @@ def free_port() -> int:
     raise Unavailable(f"no free port in {_PORT_RANGE} after 200 tries")
 
 
+def free_port_base(nodes: int = 2) -> int:
+    """A port base (services/stack_ports.py) whose whole span is free on 127.0.0.1 now, in the same range."""
+    size = stack_ports.span(nodes)
+    for _ in range(200):
+        base = random.randrange(_PORT_RANGE[0], _PORT_RANGE[1] - size)
+        if all(_free(port) for port in range(base, base + size)):
+            return base
+    raise Unavailable(f"no {size} free ports in a row in {_PORT_RANGE} after 200 tries")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 @dataclass
 class Process:
     name: str
@@ -58,6 +78,7 @@ class Process:
     grpc_address: str | None = None
     metrics_port: int | None = None
     env: dict[str, str] = field(default_factory=dict, repr=False)  # what it was started with (start_again reuses it)
+    cleaned: bool = False  # its group was swept after it exited (never twice: the pid may be reused later)
 
     @property
     def metrics_url(self) -> str:
@@ -81,6 +102,8 @@ class Stack:
     env: dict[str, str] = field(default_factory=dict)
     processes: list[Process] = field(default_factory=list)
     default_ports: bool = False  # the services' documented default ports instead of free ones
+    port_base: int | None = None  # every port derived from this base (services/stack_ports.py) instead
+    on_spawn: Callable[[Process], None] | None = None  # told of every process as it starts (synapse up prints)
     # The gateways' join secret, made for this stack; its nodes get a token signed with it. None: open gateways.
     join_secret: str | None = field(default_factory=new_secret)
 
@@ -88,7 +111,13 @@ class Stack:
         expires_at = int(time.time()) + JOIN_TOKEN_DAYS * 86400
         self.join_token = issue(self.join_secret, expires_at=expires_at) if self.join_secret else ""
         names = ("tokenizer", "sampler", "sharder", "sharder_http", "router")
-        if self.default_ports:
+        self._metrics_ports: dict[str, int] = {}  # by process name: a restarted process binds the same one
+        self._node_names: list[str] = []  # in start order: the n-th gets the port base's n-th node port
+        if self.port_base is not None:
+            stack_ports.check_base(self.port_base, self.gateways, self.nodes)
+            self.ports = stack_ports.service_ports(self.port_base)
+            self.gateway_ports = [stack_ports.gateway_ports(self.port_base, index) for index in range(self.gateways)]
+        elif self.default_ports:
             self.ports = dict(zip(names, (50051, 50052, 50053, 8081, 50050), strict=True))
             self.gateway_ports = [(50055 + 10 * index, 8765 + index) for index in range(self.gateways)]
         else:
@@ -179,7 +208,7 @@ class Stack:
         extra: dict[str, str] | None = None,
     ) -> Process:
         name = name or service
-        settings = {"METRICS_PORT": free_port(), **settings}
+        settings = {"METRICS_PORT": self._metrics_port(name, service), **settings}
         env = {**os.environ, **self.env, **(extra or {})}
         if self.redis_url:
             env["SYNAPSE_REDIS_URL"] = self.redis_url
@@ -190,17 +219,38 @@ class Stack:
         process = Process(name, _popen(service, env, log_path), log_path, address, int(str(settings["METRICS_PORT"])))
         process.env = env
         self.processes.append(process)
+        if self.on_spawn is not None:
+            self.on_spawn(process)
         return process
 
     def start_again(self, process: Process, timeout_s: float = 120.0) -> None:
         """Start a stopped (or killed) process again with the same settings: same ports, same log."""
         assert process.popen.poll() is not None, f"{process.name} is still running"
         service = process.popen.args[-1].removeprefix("services.")
-        process.popen = _popen(service, process.env, process.log_path)
+        process.popen, process.cleaned = _popen(service, process.env, process.log_path), False  # a new group
+        if self.on_spawn is not None:
+            self.on_spawn(process)
         self.wait_healthy(timeout_s)
 
+    def _metrics_port(self, name: str, service: str) -> int:
+        """A free port, or the port base's; the same for a process started again under its name."""
+        if name not in self._metrics_ports:
+            if self.port_base is None:
+                port = free_port()
+            elif service == "node":
+                index = len(self._node_names)
+                if stack_ports.NODE_METRICS_OFFSET + index >= stack_ports.span(self.nodes):
+                    raise Unavailable(f"no metrics port left in the stack's span for a node number {index + 1}")
+                self._node_names.append(name)
+                port = stack_ports.metrics_port(self.port_base, name, node_index=index)
+            else:
+                port = stack_ports.metrics_port(self.port_base, name)
+            self._metrics_ports[name] = port
+        return self._metrics_ports[name]
+
     def process(self, name: str) -> Process:
-        return next(p for p in self.processes if p.name == name)
+        """The newest process started under `name` (a restarted node's current one)."""
+        return next(p for p in reversed(self.processes) if p.name == name)
 
     def wait_healthy(self, timeout_s: float) -> None:
         """Block until every gRPC service answers SERVING; a process that dies fails at once with its log."""
@@ -216,18 +266,38 @@ class Stack:
                 time.sleep(0.2)
 
     def stop_process(self, process: Process, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> None:
+        """Signal the process's group (a service and anything it started), SIGKILL it after timeout_s."""
+        self._signal_group(process, sig)
+        self._reap(process, time.monotonic() + timeout_s)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop every process: SIGTERM to every group at once (newest first), then SIGKILL what is left after
+        timeout_s. Each group is killed after its leader exits too, so nothing a service started outlives it."""
+        for process in reversed(self.processes):
+            self._signal_group(process, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for process in reversed(self.processes):
+            self._reap(process, deadline)
+
+    @staticmethod
+    def _signal_group(process: Process, sig: int) -> None:
         if process.popen.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.popen.pid, sig)
-            try:
-                process.popen.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.popen.pid, signal.SIGKILL)
-                process.popen.wait()
 
-    def stop(self) -> None:
-        for process in reversed(self.processes):
-            self.stop_process(process)
+    @staticmethod
+    def _reap(process: Process, deadline: float) -> None:
+        if process.cleaned:
+            return
+        try:
+            process.popen.wait(max(deadline - time.monotonic(), 0.0))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.popen.pid, signal.SIGKILL)
+            process.popen.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # members of the group left behind
+            os.killpg(process.popen.pid, signal.SIGKILL)
+        process.cleaned = True
 
     def __enter__(self) -> Stack:
         try:

@@ -1,11 +1,18 @@
-"""`synapse up`: the whole stack on this machine (every service as a process, native nodes), then a demo."""
+"""`synapse up`: the whole stack on this machine (every service as a process, native nodes), then a demo.
+
+Every service runs in its own session (a terminal's Ctrl-C or hang-up reaches only `synapse up`), so
+`synapse up` stops them all itself on SIGINT, SIGTERM and SIGHUP (a closed terminal): no orphan keeps
+the stack's ports.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 HELP = "Start tokenizer, sampler, sharder, gateway, router and native nodes locally, and generate text."
@@ -18,14 +25,73 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default="The quick brown fox", help="demo prompt")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--once", action="store_true", help="exit after the demo instead of serving on")
+    parser.add_argument(
+        "--port-base",
+        type=int,
+        default=None,
+        help="derive every port of the stack from this one (router = BASE; docs/operations.md lists the rest), "
+        "so stacks with bases 1000 apart run side by side; default: the services' default ports",
+    )
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGHUP arrived: stop the stack and exit 128 + the signal's number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise Stopped; from the first of them (or Ctrl-C) on, all three are ignored, so
+    a second signal cannot cut the stack's own shutdown short and leave processes behind."""
+    watched = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    previous = {signum: signal.getsignal(signum) for signum in watched}
+
+    def handle(signum: int, _frame: object) -> None:
+        for each in watched:
+            signal.signal(each, signal.SIG_IGN)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Stopped(signum)
+
+    for signum in watched:
+        signal.signal(signum, handle)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        with stop_signals():
+            return _up(args)
+    except Stopped as stopped:
+        return 128 + stopped.signum
+
+
+def _say(text: str, **options: object) -> None:
+    """Print, unless the terminal is gone (a hang-up): the stack must still be stopped after it."""
+    with contextlib.suppress(OSError):
+        print(text, flush=True, **options)
+
+
+def _announce(process) -> None:
+    role = "node" if process.name.startswith("node") else "service"
+    address = f" grpc={process.grpc_address}" if process.grpc_address else ""
+    _say(f"started {role} {process.name} pid={process.popen.pid}{address} metrics={process.metrics_port}")
+
+
+def _up(args: argparse.Namespace) -> int:
     from services.client import SynapseClient
     from services.launcher import Stack
 
-    stack = Stack(model=args.model, workdir=args.workdir, nodes=args.nodes, default_ports=True)
-    print(f"starting {args.nodes} node(s) and every service; logs in {args.workdir / 'logs'}", flush=True)
+    ports = {"port_base": args.port_base} if args.port_base is not None else {"default_ports": True}
+    stack = Stack(model=args.model, workdir=args.workdir, nodes=args.nodes, on_spawn=_announce, **ports)
+    _say(f"starting {args.nodes} node(s) and every service; logs in {args.workdir / 'logs'}")
     with stack, SynapseClient(stack.router_address) as client:
         topology = _wait_for_pipeline(client, args.nodes)
         stages = ", ".join(f"{s.node_id}[{s.layers.start},{s.layers.end})" for s in topology.pipelines[0].stages)
@@ -62,16 +128,11 @@ def run(args: argparse.Namespace) -> int:
             f"a web node: open {web_page}/?join_token={stack.join_token}",
             flush=True,
         )
-        signal.signal(signal.SIGTERM, _interrupt)
         while all(p.popen.poll() is None for p in stack.processes):
             time.sleep(1.0)
         dead = [p.name for p in stack.processes if p.popen.poll() is not None]
-        print(f"stopping: {', '.join(dead)} exited; see {args.workdir / 'logs'}", file=sys.stderr)
+        _say(f"stopping: {', '.join(dead)} exited; see {args.workdir / 'logs'}", file=sys.stderr)
         return 1
-
-
-def _interrupt(*_: object) -> None:
-    raise KeyboardInterrupt
 
 
 def _wait_for_pipeline(client, nodes: int, timeout_s: float = 600.0):

@@ -18,6 +18,7 @@ from websockets.exceptions import ConnectionClosed
 
 from services.common.errors import InvalidArgument, SynapseError
 from services.common.gpt2.model import GPT2Stage
+from services.node import metrics
 from services.node.connection import ssl_context, stay_connected
 from services.node.settings import NodeSettings
 from services.node.shard_store import ShardStore
@@ -53,6 +54,7 @@ class NodeAgent:
         self.loaded_sha256 = ""
         self.connected = asyncio.Event()
         self._loads: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
+        metrics.follow(lambda: self.steps.worker)
 
     @property
     def worker(self) -> StageWorker | None:

@@ -34,6 +34,7 @@ def response_to_pb(generation: Generation, event: TokenEvent) -> router_pb2.Gene
     response = router_pb2.GenerateResponse(
         request_id=generation.request_id,
         text=event.text,
+        index=event.index,
         logprob=event.logprob,
         top_logprobs=[common_pb2.TokenLogprob(token_id=t.token_id, logprob=t.logprob) for t in event.top_logprobs],
         timing=router_pb2.TokenTiming(

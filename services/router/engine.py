@@ -63,12 +63,35 @@ class Engine:
             if pipeline.key not in self.schedulers:
                 self.schedulers[pipeline.key] = Scheduler(self, pipeline)
         scheduler = min((self.schedulers[p.key] for p in pipelines), key=lambda s: (len(s.requests), s.pipeline.key))
+        if generation.abandoned:  # its client left while it waited (a failover's replay): nothing to run
+            return
         scheduler.add(generation)
 
     async def cancel(self, generation: Generation) -> None:
+        """The client is gone: take the request off its pipeline, free its caches, never replay it again
+        (it may be between pipelines, in a failover's back-off: then it is on no scheduler)."""
+        generation.abandoned = True
         for scheduler in self.schedulers.values():
             if generation in scheduler.requests:
-                await scheduler.finish(generation)
+                scheduler.requests.remove(generation)
+        await self.release(generation)
+
+    async def release(self, generation: Generation) -> None:
+        """Free the request's caches on every node that may hold them: each node of each pipeline a step of
+        it went through (a failover leaves caches behind), through the gateway each node is on. With steps of
+        it still on their way, when the last is back: a release sent now would overtake a step, which goes
+        stage by stage while the release goes to every node at once, and a later stage would then meet a step
+        whose cache it no longer holds (failing the whole step) or, at position 0, make one nothing frees."""
+        if generation.steps_out:
+            generation.release_after_step = True
+            return
+        generation.release_after_step = False
+        by_gateway: dict[str, list[str]] = {}
+        for node_id, gateway_address in generation.holders.items():
+            by_gateway.setdefault(gateway_address, []).append(node_id)
+        generation.holders.clear()
+        for gateway_address, node_ids in by_gateway.items():
+            await self.gateways.get(gateway_address).release([generation.wire_id], node_ids)
 
     async def close(self) -> None:
         for scheduler in self.schedulers.values():
@@ -87,6 +110,10 @@ class Scheduler:
         verifiers = engine.cluster.verifiers(pipeline) if engine.settings.verify_fraction else []
         self.verified_route = pipeline.route(verifiers) if any(verifiers) else self.route
         self.verifier_ids = sorted({node for stage in verifiers for node in stage})
+        # Where each node of a step's route is connected: a request's caches are freed through those gateways.
+        self.holders = {stage.node_id: stage.gateway_address for stage in pipeline.stages}
+        nodes = engine.cluster.nodes
+        self.verifier_holders = {node: nodes[node].gateway_address for node in self.verifier_ids if node in nodes}
         self.gateway = engine.gateways.get(pipeline.stages[0].gateway_address)
         self.draft_tokens = engine.settings.speculate_tokens  # native and web nodes answer PREDICTED frames
         self.requests: list[Generation] = []
@@ -106,10 +133,10 @@ class Scheduler:
             background(self._failover(generation, "pipeline retired"), self.engine.background)
 
     async def finish(self, generation: Generation) -> None:
+        """Take the request off this pipeline and free its caches on the nodes (Engine.release)."""
         if generation in self.requests:
             self.requests.remove(generation)
-            nodes = self.pipeline.node_ids + (self.verifier_ids if generation.verified else [])
-            await self.gateway.release([generation.wire_id], nodes)
+        await self.engine.release(generation)
 
     async def _loop(self) -> None:
         stages = len(self.pipeline.stages)
@@ -151,7 +178,7 @@ class Scheduler:
             step = self._build(batch)
             started = time.perf_counter()
             try:
-                result = await self.gateway.step(step, self.engine.settings.step_timeout_s)
+                result = await self._send(step, batch)
             except StepFailed as error:
                 await self._step_failed(self._still_here(batch), error)
                 return
@@ -160,6 +187,22 @@ class Scheduler:
             log.exception("step_crashed", extra={"requests": len(batch)})
             for generation in batch:
                 await self._fail(generation, error if isinstance(error, SynapseError) else Internal(repr(error)))
+
+    async def _send(self, step: Step, batch: list[Generation]) -> StepResult:
+        """Run the step; meanwhile each request counts it out, and a release asked for in between goes when it
+        is back (Engine.release)."""
+        for generation in batch:
+            generation.steps_out += 1
+            generation.holders.update(self.holders)
+            if generation.verified:
+                generation.holders.update(self.verifier_holders)
+        try:
+            return await self.gateway.step(step, self.engine.settings.step_timeout_s)
+        finally:
+            for generation in batch:
+                generation.steps_out -= 1
+                if generation.release_after_step and not generation.steps_out:
+                    await self.engine.release(generation)
 
     def _build(self, batch: list[Generation]) -> Step:
         """The step's input: each request's pending tokens, with a draft appended to decode steps."""
@@ -262,7 +305,6 @@ class Scheduler:
             await self._fail(generation, error)
 
     async def _fail(self, generation: Generation, error: BaseException) -> None:
-        if generation in self.requests:
-            self.requests.remove(generation)
+        await self.finish(generation)  # its caches too, wherever it has been
         generation.finish_reason = generation.finish_reason or "error"
         generation.events.put_nowait(error)

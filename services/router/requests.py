@@ -26,6 +26,7 @@ class TokenEvent:
     step_ms: float = 0.0
     compute_ms: float = 0.0
     finish_reason: str | None = None
+    index: int = 0  # the token's place among the completion's tokens (0-based)
 
 
 @dataclass(eq=False)  # an entity: two requests are never equal, however alike (`in` and remove() by identity)
@@ -56,6 +57,10 @@ class Generation:
     sent: int = 0  # tokens of `pending` the step in flight carries (a long prompt goes in chunks)
     verified: bool = False  # every stage of every step is recomputed on replicas and compared
     ngrams: NgramIndex | None = None  # prompt + generated, for drafts; None = no speculation
+    abandoned: bool = False  # the client went away: never (re)submitted to a pipeline again
+    steps_out: int = 0  # steps of it on their way (a retired pipeline's may still be, after a failover)
+    holders: dict[str, str] = field(default_factory=dict)  # node id -> gateway address: who may cache it
+    release_after_step: bool = False  # freeing it waits for its steps out to be back
     _held_text: str = ""  # text withheld because it may be the start of a stop string
 
     def __post_init__(self) -> None:
@@ -121,6 +126,7 @@ class Generation:
         if self.ngrams is not None:
             self.ngrams.append(token)
         event = TokenEvent(token, "", result.logprob, result.top_logprobs, step_ms, compute_ms)
+        event.index = len(self.generated) - 1
         if token == self.eos_id and not self.ignore_eos:
             event.token_id, event.finish_reason = token, FINISH_EOS
             event.text = self._release_text(self.decoder.flush(), final=True)
