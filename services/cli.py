@@ -11,7 +11,7 @@ from services.common.errors import SynapseError
 from services.common.logs import setup_logging
 
 # name -> module with HELP, add_arguments(parser) and run(args) -> exit code. Heavy imports live in run().
-SUBCOMMANDS = ("up", "node", "generate", "shard", "plan", "certs", "token", "settings")
+SUBCOMMANDS = ("up", "node", "generate", "shard", "plan", "certs", "token", "bench", "settings")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""Start the whole stack as separate processes (tokenizer, sampler, sharder, gateways, router, nodes).
+"""Start the whole stack as separate processes (tokenizer, sampler, sharder, gateways, router, nodes, Redis).
 
 Used by `synapse up` and by the end-to-end tests; each service gets its settings through its
 `SYNAPSE_<SERVICE>_*` variables and logs to <workdir>/logs/<name>.log.
@@ -9,12 +9,13 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,22 +26,28 @@ from services import stack_ports
 from services.common.errors import Unavailable
 from services.common.join_tokens import issue, new_secret
 
+REDIS_START_TIMEOUT_S = 10.0
 JOIN_TOKEN_DAYS = 365  # the stack's own token: nodes show it at every reconnect while the stack runs
 # Below Linux's ephemeral range (32768-60999): a port the kernel hands to outgoing connections can be
 # taken between choosing it here and the service binding it, which failed stacks at random.
 _PORT_RANGE = (20000, 32000)
+_handed_out: set[int] = set()  # never the same port twice from one process, even once its first user has gone
 
 
 def free_port() -> int:
-    """A port free on 127.0.0.1 now, outside the range the kernel picks client ports from."""
+    """A port free on 127.0.0.1 now, outside the range the kernel picks client ports from, and not handed out
+    before by this process (a stack restarting a process keeps its ports, another stack must not take them)."""
     for _ in range(200):
         port = random.randrange(*_PORT_RANGE)
+        if port in _handed_out:
+            continue
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
+        _handed_out.add(port)
+        return port
     raise Unavailable(f"no free port in {_PORT_RANGE} after 200 tries")
 
 
@@ -70,6 +77,7 @@ class Process:
     log_path: Path
     grpc_address: str | None = None
     metrics_port: int | None = None
+    env: dict[str, str] = field(default_factory=dict, repr=False)  # what it was started with (start_again reuses it)
     cleaned: bool = False  # its group was swept after it exited (never twice: the pid may be reused later)
 
     @property
@@ -171,9 +179,14 @@ class Stack:
             self.add_node(f"node-{index}", gateway=index % self.gateways)
         self.wait_healthy(timeout_s)
 
+    def node_gateway_urls(self, gateway: int = 0) -> str:
+        """A node's SYNAPSE_NODE_GATEWAY_URL: its own gateway first, then every other one, to fail over to."""
+        order = [*range(gateway, self.gateways), *range(gateway)]
+        return ",".join(self.gateway_url(index) for index in order)
+
     def add_node(self, node_id: str, gateway: int = 0, **settings: object) -> Process:
         values = {
-            "GATEWAY_URL": self.gateway_url(gateway),
+            "GATEWAY_URL": self.node_gateway_urls(gateway),
             "NODE_ID": node_id,
             "LOG_FORMAT": "json",
             "CACHE_DIR": self.workdir / "node-cache" / node_id,
@@ -202,21 +215,22 @@ class Stack:
         prefix = f"SYNAPSE_{service.upper()}_"
         env.update({prefix + key: str(value) for key, value in settings.items()})
         log_path = self.workdir / "logs" / f"{name}.log"
-        with log_path.open("ab") as log_file:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", f"services.{service}"],
-                env=env,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
         address = f"127.0.0.1:{grpc_port}" if grpc_port else None
-        process = Process(name, popen, log_path, address, int(str(settings["METRICS_PORT"])))
+        process = Process(name, _popen(service, env, log_path), log_path, address, int(str(settings["METRICS_PORT"])))
+        process.env = env
         self.processes.append(process)
         if self.on_spawn is not None:
             self.on_spawn(process)
         return process
+
+    def start_again(self, process: Process, timeout_s: float = 120.0) -> None:
+        """Start a stopped (or killed) process again with the same settings: same ports, same log."""
+        assert process.popen.poll() is not None, f"{process.name} is still running"
+        service = process.popen.args[-1].removeprefix("services.")
+        process.popen, process.cleaned = _popen(service, process.env, process.log_path), False  # a new group
+        if self.on_spawn is not None:
+            self.on_spawn(process)
+        self.wait_healthy(timeout_s)
 
     def _metrics_port(self, name: str, service: str) -> int:
         """A free port, or the port base's; the same for a process started again under its name."""
@@ -297,6 +311,18 @@ class Stack:
         self.stop()
 
 
+def _popen(service: str, env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    with log_path.open("ab") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", f"services.{service}"],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
 def _serving(address: str) -> bool:
     with grpc.insecure_channel(address) as channel:
         try:
@@ -304,3 +330,40 @@ def _serving(address: str) -> bool:
         except grpc.RpcError:
             return False
     return response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@contextlib.contextmanager
+def redis_server(folder: Path, port: int | None = None) -> Iterator[str]:
+    """A real redis-server on a free port, nothing persisted; yields its URL once it accepts connections."""
+    executable = shutil.which("redis-server")
+    if not executable:
+        raise Unavailable("redis-server is not installed: run `bash ops/setup.sh` (Debian package redis-server)")
+    port = port or free_port()
+    log_path = folder / f"redis-{port}.log"
+    command = [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+               "--dir", str(folder)]  # fmt: skip
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        _wait_listening(process, port, log_path)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def _wait_listening(process: subprocess.Popen, port: int, log_path: Path) -> None:
+    deadline = time.monotonic() + REDIS_START_TIMEOUT_S
+    while True:
+        if process.poll() is not None:
+            raise Unavailable(f"redis-server exited with {process.returncode}:\n{log_path.read_text()[-2000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise Unavailable(
+                    f"redis-server did not listen on {port} within {REDIS_START_TIMEOUT_S:g} s:\n"
+                    f"{log_path.read_text()[-2000:]}"
+                ) from None
+            time.sleep(0.05)

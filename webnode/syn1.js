@@ -326,9 +326,13 @@ export function encodeFrames(frames, options = {}) {
   return out;
 }
 
-/** Hidden states, row-major (positions * n_embd); Int8Array data needs its per-row `scales`. */
-export function activation({ requestId, position, rows, cols, data, scales = null }) {
-  return { msgType: MessageType.ACTIVATION, requestId, position, rows, cols, data, scales };
+/**
+ * Hidden states, row-major (positions * n_embd); Int8Array data needs its per-row `scales`. `predicted`:
+ * the rows after the first are a speculative draft, which the last stage answers row by row (PREDICTED).
+ */
+export function activation({ requestId, position, rows, cols, data, scales = null, predicted = false }) {
+  const flags = predicted ? Flag.PREDICTED : Flag.NONE;
+  return { msgType: MessageType.ACTIVATION, flags, requestId, position, rows, cols, data, scales };
 }
 
 /** Token ids (positions) into the first stage; rows = ids, cols = 1. */

@@ -8,7 +8,11 @@ HELP = "Run a native node (PyTorch on CPU or CUDA) that joins a gateway and serv
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gateway", help="gateway WebSocket URL, e.g. ws://host:8765/ws (or SYNAPSE_NODE_GATEWAY_URL)")
+    parser.add_argument(
+        "--gateway",
+        help="gateway WebSocket URL, e.g. ws://host:8765/ws, or several comma-separated to fail over to in turn "
+        "(or SYNAPSE_NODE_GATEWAY_URL)",
+    )
     parser.add_argument("--node-id", help="stable node id (default host-pid)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to compute")
     parser.add_argument("--memory", type=int, help="memory budget in bytes")

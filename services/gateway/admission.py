@@ -14,7 +14,7 @@ from typing import Literal
 # WebSocket close codes the gateway uses; 4000-4999 are the application's own.
 CLOSE_POLICY = 1008  # malformed or unexpected input: this connection only
 CLOSE_TOO_BIG = 1009  # a message over max_frame_bytes (websockets closes it before we see it)
-CLOSE_TRY_AGAIN_LATER = 1013  # too many connections from this client address
+CLOSE_TRY_AGAIN_LATER = 1013  # too many connections from this address, or the shared registry (Redis) is away
 CLOSE_UNAUTHORIZED = 4001  # the join token is missing, forged, expired or for another node
 CLOSE_RATE_LIMITED = 4029  # more messages per second than max_messages_per_s allows
 
@@ -30,6 +30,7 @@ Reason = Literal[
     "too_many_connections",  # over max_connections_per_address
     "unasked_state",  # ready or progress for a shard the gateway did not assign (the connection stays)
     "quarantined",  # the node lied in an answer not long ago (services/gateway/hub.py): refused at hello
+    "registry_unavailable",  # Redis cannot be reached, so the hello cannot be checked against the quarantine
 ]
 
 

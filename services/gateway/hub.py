@@ -12,7 +12,7 @@ from services.common.nodes import NodeRecord
 from services.gateway import metrics
 from services.gateway.answers import Misbehaviour, StageShape, check_answer
 from services.gateway.nodes import NodeConnection, StepReply
-from services.gateway.registry import Registry
+from services.gateway.registry import Registry, RegistryUnavailable
 from services.gateway.verification import judge, subset
 from services.wire import syn1
 from services.wire.control import Assign, GatewayError, Hello, Release, dump
@@ -88,13 +88,18 @@ class Hub:
         await connection.send_text(dump(assign))
 
     async def refusal(self, node_id: str) -> str | None:
-        """Why a node with this id may not join now (it is quarantined), or None."""
+        """Why a node with this id may not join now (it is quarantined), or None; RegistryUnavailable when the
+        shared registry cannot say (the node is told to try again later)."""
         return await self.registry.quarantined(node_id)
 
     async def quarantine(self, connection: NodeConnection, reason: str, cause: str = "answer") -> None:
         """Keep a node that lied out of every pipeline for a backoff: refused at hello on every gateway
         sharing this registry until it ends (placement never sees it meanwhile)."""
-        seconds = await self.registry.quarantine(connection.node_id, reason, *self.quarantine_s)
+        try:
+            seconds = await self.registry.quarantine(connection.node_id, reason, *self.quarantine_s)
+        except RegistryUnavailable as error:  # closed all the same; only the backoff is not remembered
+            log.warning("quarantine_not_recorded", extra={"node": connection.node_id, "error": str(error)})
+            seconds = self.quarantine_s[0]
         metrics.QUARANTINES.labels(cause).inc()
         log.warning("node_quarantined", extra={"node": connection.node_id, "seconds": seconds, "reason": reason})
         why = f"quarantined for {seconds:.0f} s: {reason}"

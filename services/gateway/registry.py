@@ -8,11 +8,16 @@ import time
 from collections.abc import AsyncIterator
 from typing import Protocol
 
+from services.common.errors import Unavailable
 from services.common.nodes import NodeRecord
 
 log = logging.getLogger(__name__)
 
 OFFENSE_MEMORY_S = 24 * 3600.0  # offenses older than a day no longer lengthen a quarantine
+
+
+class RegistryUnavailable(Unavailable):
+    """The shared registry (Redis) cannot be reached now: what needs it is refused, to be tried again later."""
 
 
 class Registry(Protocol):
@@ -23,7 +28,8 @@ class Registry(Protocol):
     async def close(self) -> None: ...
 
     async def put(self, record: NodeRecord) -> None:
-        """Store (or, when the record is gone, drop) a record and tell every watcher."""
+        """Store (or, when the record is gone, drop) a record and tell every watcher. A record of this gateway's
+        own node is never refused: kept here while the store is unreachable, written when it is back."""
 
     async def get(self, node_id: str) -> NodeRecord | None: ...
 
@@ -37,7 +43,8 @@ class Registry(Protocol):
         """Keep the node out for base_s, doubling with each offense of the last day up to max_s; the seconds."""
 
     async def quarantined(self, node_id: str) -> str | None:
-        """Why, and for how much longer, the node is kept out; None when it may join."""
+        """Why, and for how much longer, the node is kept out; None when it may join. RegistryUnavailable
+        when that cannot be known now (the shared store is away): the node may not join yet."""
 
 
 def quarantine_seconds(offenses: int, base_s: float, max_s: float) -> float:

@@ -22,6 +22,7 @@ from services.gateway.admission import (
     CLOSE_POLICY,
     CLOSE_RATE_LIMITED,
     CLOSE_TOO_BIG,
+    CLOSE_TRY_AGAIN_LATER,
     CLOSE_UNAUTHORIZED,
     AddressSlots,
     Refusal,
@@ -29,6 +30,7 @@ from services.gateway.admission import (
 )
 from services.gateway.hub import Hub, record_for
 from services.gateway.nodes import NodeConnection
+from services.gateway.registry import RegistryUnavailable
 from services.gateway.settings import GatewaySettings
 from services.wire import control, syn1
 
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 
 WS_PATH = "/ws"
 HEALTH_PATH = "/healthz"  # the load balancer's health check: 200 while this endpoint serves
+KEEPALIVE_TIMEOUT_REASON = "keepalive ping timeout"  # the close reason websockets gives a missed pong
 __all__ = ["CLOSE_POLICY", "WS_PATH", "NodeEndpoint", "static_response"]
 _TYPES = {
     ".js": "text/javascript",
@@ -131,7 +134,12 @@ class NodeEndpoint:
         except ConnectionClosed as closed:
             _report_closed(websocket, None, closed)
             return
-        quarantined = await self.hub.refusal(hello.node_id)
+        try:
+            quarantined = await self.hub.refusal(hello.node_id)
+        except RegistryUnavailable as error:
+            why = f"registry unavailable, try again later: {error}"  # the close reason keeps the first 123 bytes
+            await refuse(websocket, hello.node_id, Refusal("registry_unavailable", why, CLOSE_TRY_AGAIN_LATER))
+            return
         if quarantined is not None:
             log.warning("node_refused", extra={"node": hello.node_id, "why": quarantined})
             await refuse(websocket, hello.node_id, Refusal("quarantined", f"node {hello.node_id} is {quarantined}"))
@@ -147,13 +155,24 @@ class NodeEndpoint:
             )
             why = await self._serve(connection, limit)
         except ConnectionClosed as closed:
-            why = f"connection closed ({closed.rcvd.code if closed.rcvd else 'no close frame'})"
+            why = self._closed_why(closed)
             _report_closed(websocket, connection.node_id, closed)
         except Refusal as refusal:
             why = refusal.message
             await refuse(websocket, connection.node_id, refusal)
         finally:
             await self.hub.left(connection, why)
+
+    def _closed_why(self, closed: ConnectionClosed) -> str:
+        """Why a node's connection ended, in words: a lost heartbeat (the node stopped answering pings: hung,
+        suspended, or its network silently gone) or what the close frames said."""
+        if closed.sent is not None and closed.sent.reason == KEEPALIVE_TIMEOUT_REASON:
+            settings = self.settings
+            return (
+                f"heartbeat lost: no pong within {settings.heartbeat_timeout_s:g} s of a ping "
+                "(SYNAPSE_GATEWAY_HEARTBEAT_TIMEOUT_S)"
+            )
+        return f"connection closed ({closed.rcvd.code if closed.rcvd else 'no close frame'})"
 
     async def _hello(self, websocket: ServerConnection, limit: TokenBucket) -> control.Hello:
         timeout_s = self.settings.hello_timeout_s

@@ -45,7 +45,7 @@ class NodeAgent:
         self.settings = settings
         self.node_id, self.device, self.dtype = node_id, device, dtype
         self.memory_bytes, self.speed = memory_bytes, speed
-        self.store = ShardStore(settings.cache_dir, ssl_context(settings))
+        self.store = ShardStore(settings.cache_dir, ssl_context(settings), retry_s=settings.shard_retry_s)
         # One compute thread: steps run in order; torch uses its own intra-op threads inside.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
         self.steps = StepLoop(

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from services.common.settings import ProcessSettings
 
@@ -14,7 +15,13 @@ from services.common.settings import ProcessSettings
 class NodeSettings(ProcessSettings):
     model_config = SettingsConfigDict(env_prefix="SYNAPSE_NODE_", extra="ignore")
 
-    gateway_url: str = Field("ws://127.0.0.1:8765/ws", description="Gateway WebSocket URL (wss:// with TLS).")
+    gateway_url: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["ws://127.0.0.1:8765/ws"],
+        min_length=1,
+        description="Gateway WebSocket URL (wss:// with TLS), or several, comma-separated: the node joins the "
+        "first and, when a link drops or a connection fails, tries the next in turn (the reconnect delay doubles "
+        "after each full round).",
+    )
     node_id: str | None = Field(None, description="Stable id of this node; default host-pid.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to compute; auto = cuda if present.")
     compute_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
@@ -33,6 +40,12 @@ class NodeSettings(ProcessSettings):
     kv_slots: int | None = Field(
         None, gt=0, description="KV cache slots (concurrent requests) per stage; default 2 x max_batch, fit to memory."
     )
+    shard_retry_s: float = Field(
+        60.0,
+        ge=0,
+        description="How long a broken shard download is retried (resuming where it broke, backoff 0.5 s doubling "
+        "to 8 s) before the load fails and the node leaves to rejoin.",
+    )
     reconnect_min_s: float = Field(0.5, gt=0, description="First reconnect delay; doubles up to reconnect_max_s.")
     reconnect_max_s: float = Field(15.0, gt=0, description="Longest reconnect delay.")
     fault_injection: Literal["none", "wrong_numbers", "never_ready"] = Field(
@@ -44,3 +57,20 @@ class NodeSettings(ProcessSettings):
     join_token: str = Field(
         "", max_length=512, description="Join token shown at hello (`synapse token` issues one); empty = none."
     )
+
+    @field_validator("gateway_url", mode="before")
+    @classmethod
+    def _split_urls(cls, value: object) -> object:
+        """`ws://a/ws,ws://b/ws` from the environment or the command line (a JSON list works too)."""
+        if isinstance(value, str):
+            text = value.strip()
+            return json.loads(text) if text.startswith("[") else [part.strip() for part in text.split(",") if part]
+        return value
+
+    @field_validator("gateway_url")
+    @classmethod
+    def _check_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not url.startswith(("ws://", "wss://")):
+                raise ValueError(f"gateway URL {url!r} must start with ws:// or wss://")
+        return value

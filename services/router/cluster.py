@@ -49,6 +49,7 @@ class Cluster:
         self._tasks: list[asyncio.Task[None]] = []
         self._membership_changed = asyncio.Event()
         self._planned_members: frozenset[str] = frozenset()
+        self.plan_error: str | None = None  # why the last re-plan failed; None once one succeeds
         self.on_pipelines_changed: Callable[[list[Pipeline]], None] = lambda pipelines: None
 
     async def start(self) -> None:
@@ -135,8 +136,10 @@ class Cluster:
                     break
             try:
                 await self._replan()
+                self.plan_error = None
             except (grpc.aio.AioRpcError, Unavailable) as error:
-                log.warning("replan_failed", extra={"error": str(error)})
+                self.plan_error = error.details() if isinstance(error, grpc.aio.AioRpcError) else str(error)
+                log.warning("replan_failed", extra={"error": self.plan_error})
                 await asyncio.sleep(1.0)
                 self._membership_changed.set()
 
@@ -219,14 +222,18 @@ class Cluster:
         return result
 
     async def wait_for_pipeline(self, timeout_s: float) -> list[Pipeline]:
-        """The current pipelines; waits up to timeout_s for one; none -> UNAVAILABLE saying what is missing."""
+        """The current pipelines; waits up to timeout_s for one; none -> UNAVAILABLE saying what is missing
+        and, when the last re-plan failed, why no node took it over."""
         if self.pipelines:
             return self.pipelines
         with contextlib.suppress(TimeoutError):
             async with self.changed:
                 await asyncio.wait_for(self.changed.wait_for(lambda: bool(self.pipelines)), timeout_s)
         if not self.pipelines:
-            raise Unavailable(describe_missing(list(self.nodes.values()), self.n_layer))
+            reason = describe_missing(list(self.nodes.values()), self.n_layer)
+            if self.plan_error:
+                reason += f"; the last re-plan failed: {self.plan_error}"
+            raise Unavailable(reason)
         return self.pipelines
 
     async def route_around(self, node_id: str) -> None:

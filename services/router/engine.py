@@ -115,8 +115,7 @@ class Scheduler:
         nodes = engine.cluster.nodes
         self.verifier_holders = {node: nodes[node].gateway_address for node in self.verifier_ids if node in nodes}
         self.gateway = engine.gateways.get(pipeline.stages[0].gateway_address)
-        # Drafts need every stage to answer every row of a PREDICTED frame: native nodes do (web nodes not yet).
-        self.draft_tokens = engine.settings.speculate_tokens if pipeline.all_native else 0
+        self.draft_tokens = engine.settings.speculate_tokens  # native and web nodes answer PREDICTED frames
         self.requests: list[Generation] = []
         self._wake = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
@@ -239,6 +238,7 @@ class Scheduler:
         metrics.STEP_OVERHEAD_SECONDS.observe(max(wall_s - compute_ms / 1e3, 0.0))
         metrics.BATCH_SIZE.observe(len(batch))
         outputs = {frame.request_id: frame for frame in syn1.decode_frames(result.frames)}
+        sampling = 0.0  # seconds in accept(): sampling and draft checks, not the streaming that follows
         for generation in batch:
             frame = outputs.get(generation.wire_id)
             if frame is None:
@@ -247,12 +247,15 @@ class Scheduler:
             if not generation.generated and generation.failovers == 0:
                 metrics.TOKENS.labels("prompt").inc(generation.sent)
             drafted = len(generation.draft)
+            started = time.perf_counter()
             try:
                 events = generation.accept(rows_of(frame), compute_ms)
             except SynapseError as error:  # e.g. the sampler refusing what came back: this request only
                 log.warning("sample_failed", extra={"request_id": generation.request_id, "error": str(error)})
                 await self._fail(generation, error)
                 continue
+            finally:
+                sampling += time.perf_counter() - started
             if drafted:
                 metrics.SPEC_ACCEPTED.inc(len(events) - 1)
             if not events:
@@ -262,6 +265,7 @@ class Scheduler:
                 self._emit(generation, event)
             if generation.done:
                 await self.finish(generation)
+        metrics.SAMPLE_SECONDS.observe(sampling)
 
     def _emit(self, generation: Generation, event: TokenEvent) -> None:
         if len(generation.generated) == 1:

@@ -1,7 +1,8 @@
 """The gateways the router follows: a fixed list, and with Redis every gateway that registers itself there.
 
 One WatchNodes stream per gateway, reconnected when it breaks. A gateway whose liveness key expires
-(or that deregistered on an orderly stop) is dropped, and so are the nodes it reported.
+(or that deregistered on an orderly stop) is dropped, and so are the nodes it reported. While Redis is
+away, and for a liveness TTL after it is back, every gateway followed stays followed.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from services.common.node_status import node_from_event
 from services.common.nodes import NodeRecord
 from services.common.pb import gateway_pb2, gateway_pb2_grpc
 from services.common.server import channel
-from services.wire.membership import live_gateways
+from services.wire.membership import LIVENESS_TTL_S, live_gateways
 
 log = logging.getLogger(__name__)
 
@@ -89,18 +90,32 @@ class GatewayFollower:
             await asyncio.sleep(RECONNECT_S)
 
     async def _discover(self, client: redis.Redis) -> None:
-        """Poll the gateways' liveness keys: follow each new one, drop each that is gone (static ones stay)."""
+        """Poll the gateways' liveness keys: follow each new one, drop each that is gone (static ones stay).
+
+        Redis away, or back as a new server (its run_id changed: restarted empty), says nothing about the
+        gateways: every one followed is kept for a liveness TTL after, while they register again."""
+        server: str | None = None
+        hold_until = 0.0  # loop time before which no gateway is dropped
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 try:
+                    run_id = str((await client.info("server")).get("run_id", ""))
                     live = set((await live_gateways(client)).values())
                 except (redis.RedisError, OSError) as error:
-                    log.warning("gateway_discovery_failed", extra={"error": str(error)})
+                    if loop.time() >= hold_until:
+                        log.warning("gateway_discovery_failed", extra={"error": str(error)})
+                    hold_until = loop.time() + LIVENESS_TTL_S
                 else:
+                    if server is not None and run_id != server:
+                        log.info("gateway_discovery_redis_restarted", extra={"hold_s": LIVENESS_TTL_S})
+                        hold_until = loop.time() + LIVENESS_TTL_S
+                    server = run_id
                     for address in sorted(live - set(self._watches)):
                         self._follow(address)
-                    for address in sorted(set(self._watches) - live - set(self.static)):
-                        await self._unfollow(address)
+                    if loop.time() >= hold_until:
+                        for address in sorted(set(self._watches) - live - set(self.static)):
+                            await self._unfollow(address)
                 await asyncio.sleep(self.discovery_period_s)
         finally:
             await client.aclose()

@@ -29,6 +29,11 @@ STEP_OVERHEAD_SECONDS = Histogram(
     "Step wall time minus node compute: network, queueing, serialization, orchestration, seconds.",
     buckets=LATENCY_BUCKETS_S,
 )
+SAMPLE_SECONDS = Histogram(
+    "synapse_router_sample_seconds",
+    "Time the router spends turning one step's answers into tokens (sampling, drafts), seconds.",
+    buckets=LATENCY_BUCKETS_S,
+)
 TOKENS = Counter("synapse_router_tokens_total", "Tokens processed, by kind (prompt, generated).", ["kind"])
 REQUESTS = Counter("synapse_router_requests_total", "Finished Generate requests, by outcome.", ["outcome"])
 ACTIVE = Gauge("synapse_router_active_requests", "Generate requests in flight.")

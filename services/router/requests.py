@@ -29,7 +29,7 @@ class TokenEvent:
     index: int = 0  # the token's place among the completion's tokens (0-based)
 
 
-@dataclass
+@dataclass(eq=False)  # an entity: two requests are never equal, however alike (`in` and remove() by identity)
 class Generation:
     """A request in flight. `position` = tokens the pipeline's KV caches hold; `pending` = tokens to send."""
 

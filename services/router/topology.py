@@ -21,10 +21,6 @@ class Pipeline:
     def node_ids(self) -> list[str]:
         return [stage.node_id for stage in self.stages]
 
-    @property
-    def all_native(self) -> bool:
-        return all(stage.kind == "native" for stage in self.stages)
-
     def route(self, verifiers: list[tuple[str, ...]] | None = None) -> tuple[Stage, ...]:
         """The route a step over this pipeline follows, each stage with its verifiers if given."""
         checks = verifiers or [()] * len(self.stages)

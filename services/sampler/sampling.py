@@ -276,6 +276,15 @@ def _greedy_dense(values: np.ndarray, top_logprobs: int) -> SampleResult:
     return _result(ranked, values[ranked] - log_total, 0, top_logprobs)
 
 
+def _greedy_candidates(values: np.ndarray, token_ids: np.ndarray, top_logprobs: int) -> SampleResult:
+    """Greedy over one checked candidate row (K,) without penalties: what _choose gives a greedy row (best first,
+    ties in the order given; the logprobs over all K), in a few array operations instead of the general pass."""
+    order = np.argsort(-values, kind="stable")
+    shifted = values[order] - values[order[0]]
+    logprobs = shifted - np.log(np.cumsum(np.exp(shifted))[-1])
+    return _result(token_ids[order], logprobs, 0, min(top_logprobs, values.shape[0]))
+
+
 def _sample_dense(
     values: np.ndarray, params: SamplingParams, rng: np.random.Generator, history: TokenHistory | None
 ) -> SampleResult:
@@ -324,6 +333,8 @@ def sample_next(
         _check_values(values, "values")
         token_ids = _check_token_ids(np.asarray(logits.token_ids)[None], values.shape)
         _check_top_k([params], values.shape[1])
+        if params.greedy and not (history is not None and params.has_penalties):
+            return _greedy_candidates(values[0], token_ids[0], params.top_logprobs)
         return _sample_candidates(values, token_ids, [params], [rng], [history])[0]
     values = np.asarray(logits, dtype=np.float64)[None]
     _check_values(values, "logits")

@@ -19,7 +19,8 @@ from services.sharder.settings import SharderSettings
 async def start_sharder(settings: SharderSettings) -> tuple[GrpcServer, web.AppRunner, Catalog]:
     checkpoint = await asyncio.to_thread(load_model, settings.model, random_fallback=settings.random_fallback)
     catalog = Catalog(checkpoint, settings.shards_dir, settings.dtype)
-    runner, http_port = await start_http(make_app(catalog), settings.http_host, settings.http_port)
+    app = make_app(catalog, settings.http_max_bytes_per_s)
+    runner, http_port = await start_http(app, settings.http_host, settings.http_port)
     public_url = settings.public_url or f"http://{settings.http_host}:{http_port}"
     name = sharder_pb2.DESCRIPTOR.services_by_name["ShardService"].full_name
     server = GrpcServer("sharder", [name], host=settings.host, port=settings.port, grace_s=settings.shutdown_grace_s)

@@ -1,4 +1,4 @@
-"""HTTP download of shard files and manifests for nodes: ETag = sha256, Content-Length, Range, CORS."""
+"""HTTP download of shard files and manifests for nodes: ETag = sha256, Content-Length, Range, If-Range, CORS."""
 
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ from services.sharder.manifest import ShardManifest
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
+PACED_CHUNK_MIN_BYTES = 16 << 10  # a capped download goes in chunks of an eighth of a second's bytes, at least this
 RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 CORS = {
     "Access-Control-Allow-Origin": "*",
     "Access-Control-Allow-Methods": "GET, HEAD, OPTIONS",
-    "Access-Control-Allow-Headers": "Range, If-None-Match",
+    "Access-Control-Allow-Headers": "Range, If-Range, If-None-Match",
     "Access-Control-Expose-Headers": "ETag, Content-Length, Content-Range, Accept-Ranges",
 }
 PREFLIGHT_MAX_AGE_S = 86_400  # how long a browser may reuse a preflight answer
@@ -42,7 +43,8 @@ async def add_cors(request: web.Request, response: web.StreamResponse) -> None:
     response.headers.update(CORS)
 
 
-def make_app(catalog: Catalog) -> web.Application:
+def make_app(catalog: Catalog, max_bytes_per_s: int | None = None) -> web.Application:
+    """The download app; max_bytes_per_s paces each shard file sent (None = as fast as it goes)."""
     app = web.Application(middlewares=[preflight])
     app.on_response_prepare.append(add_cors)
 
@@ -53,7 +55,7 @@ def make_app(catalog: Catalog) -> web.Application:
             raise web.HTTPNotFound(text=str(error)) from None
         if request.match_info["ext"] == "json":
             return web.Response(text=manifest.to_json(), content_type="application/json")
-        return await _send_file(request, catalog, manifest)
+        return await _send_file(request, catalog, manifest, max_bytes_per_s)
 
     async def health(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -63,7 +65,9 @@ def make_app(catalog: Catalog) -> web.Application:
     return app
 
 
-async def _send_file(request: web.Request, catalog: Catalog, manifest: ShardManifest) -> web.StreamResponse:
+async def _send_file(
+    request: web.Request, catalog: Catalog, manifest: ShardManifest, max_bytes_per_s: int | None
+) -> web.StreamResponse:
     size, etag = manifest.byte_size, f'"{manifest.sha256}"'
     headers = {
         "ETag": etag,
@@ -76,7 +80,11 @@ async def _send_file(request: web.Request, catalog: Catalog, manifest: ShardMani
     if _matches(request.headers.get("If-None-Match"), manifest.sha256):
         return web.Response(status=304, headers=headers)
     start, end, status = 0, size - 1, 200
-    byte_range = _parse_range(request.headers.get("Range"), size)
+    # If-Range (RFC 9110 13.1.5): resume only the bytes named; another ETag gets the whole file again.
+    if_range = request.headers.get("If-Range")
+    byte_range = (
+        None if if_range is not None and if_range.strip() != etag else _parse_range(request.headers.get("Range"), size)
+    )
     if byte_range is not None:
         start, end = byte_range
         status = 206
@@ -96,12 +104,18 @@ async def _send_file(request: web.Request, catalog: Catalog, manifest: ShardMani
             return response
         handle.seek(start)
         remaining = end - start + 1
+        chunk_bytes = min(CHUNK_BYTES, max(PACED_CHUNK_MIN_BYTES, (max_bytes_per_s or CHUNK_BYTES) // 8))
+        loop = asyncio.get_running_loop()
+        started, sent = loop.time(), 0
         while remaining > 0:
-            chunk = await asyncio.to_thread(handle.read, min(CHUNK_BYTES, remaining))
+            chunk = await asyncio.to_thread(handle.read, min(chunk_bytes, remaining))
             if not chunk:
                 break
             await response.write(chunk)
             remaining -= len(chunk)
+            sent += len(chunk)
+            if max_bytes_per_s:  # ahead of the cap: wait until the bytes sent are due
+                await asyncio.sleep(max(0.0, started + sent / max_bytes_per_s - loop.time()))
     await response.write_eof()
     return response
 

@@ -23,6 +23,11 @@ class SharderSettings(ServiceSettings):
     dtype: Literal["float16", "float32"] = Field("float16", description="Element type of written shards.")
     http_host: str = Field("127.0.0.1", description="Address the shard download server binds to.")
     http_port: int = Field(8081, ge=0, le=65535, description="Port of the shard download server; 0 = any.")
+    http_max_bytes_per_s: int | None = Field(
+        None,
+        gt=0,
+        description="Most bytes per second one shard download is sent at (spare a shared uplink); unset = no cap.",
+    )
     public_url: str | None = Field(
         None, description="Base URL nodes download shards from; default http://<http_host>:<http_port>."
     )

@@ -13,6 +13,8 @@ EVENTS_CHANNEL = "synapse:node-events"  # pub/sub: NodeRecord JSON of every chan
 GATEWAY_KEY = "synapse:gateway:{}"  # gateway id -> its gRPC host:port, with a TTL
 QUARANTINE_KEY = "synapse:quarantine:{}"  # node id -> why it is kept out, with the quarantine as TTL
 OFFENSES_KEY = "synapse:offenses:{}"  # node id -> offenses in the last day (the quarantine doubles with each)
+LIVENESS_TTL_S = 6  # seconds a gateway's key outlives its last refresh
+LIVENESS_PERIOD_S = 2.0  # seconds between a gateway's refreshes of its key
 _GATEWAY_PATTERN = GATEWAY_KEY.format("*")
 
 

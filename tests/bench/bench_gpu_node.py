@@ -23,12 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from services.bench.baseline import StaticReference
 from services.common.gpt2.model import GPT2Stage
 from services.node.benchmark import measure_speed
 from services.node.worker import StageWorker
@@ -42,58 +41,6 @@ def build_stages(split: list[tuple[int, int]], device: torch.device, dtype: torc
     checkpoint = random_checkpoint(known_shape("gpt2"), "gpt2")  # numpy arrays: wrapped for the stages, no copy
     tensors = {name: torch.from_numpy(array) for name, array in checkpoint.tensors.items()}
     return [GPT2Stage.from_tensors(checkpoint.config, a, b, tensors, dtype=dtype, device=device) for a, b in split]
-
-
-class StaticReference:
-    """Greedy decode of `batch` streams from a static KV cache (n_layer, B, nh, length, hs): one CUDA graph a step."""
-
-    def __init__(self, stage: GPT2Stage, batch: int, length: int) -> None:
-        config, weight = stage.config, stage.h[0].ln_1.weight
-        shape = (config.n_layer, batch, config.n_head, length, config.head_dim)
-        self.stage, self.batch, self.length = stage, batch, length
-        self.keys = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
-        self.values = torch.zeros_like(self.keys)
-        self.tokens = torch.zeros(batch, dtype=torch.long, device=weight.device)
-        self.position = torch.zeros(1, dtype=torch.long, device=weight.device)
-        self.graph: torch.cuda.CUDAGraph | None = None
-
-    @torch.inference_mode()
-    @sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])  # cuDNN would rebuild plans; flash takes no mask
-    def step(self) -> None:
-        stage, B = self.stage, self.batch
-        C, nh = stage.config.n_embd, stage.config.n_head
-        x = stage.wte(self.tokens) + stage.wpe(self.position)  # (B, C)
-        visible = (torch.arange(self.length, device=x.device) <= self.position).view(1, 1, 1, -1)
-        for layer, block in enumerate(stage.h):
-            q, k, v = block.attn.c_attn(block.ln_1(x)).view(B, 3, nh, C // nh).unbind(1)  # (B, nh, hs) each
-            self.keys[layer].index_copy_(2, self.position, k.unsqueeze(2))
-            self.values[layer].index_copy_(2, self.position, v.unsqueeze(2))
-            y = F.scaled_dot_product_attention(q.unsqueeze(2), self.keys[layer], self.values[layer], attn_mask=visible)
-            x = x + block.attn.c_proj(y.reshape(B, C))
-            x = x + block.mlp(block.ln_2(x))
-        self.tokens.copy_(stage.logits(x).argmax(-1))
-        self.position.add_(1)
-
-    def capture(self) -> None:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.step()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.step()
-
-    def ms_per_step(self, steps: int) -> float:
-        self.position.fill_(0)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            self.graph.replay()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / steps
 
 
 class NodeRun:

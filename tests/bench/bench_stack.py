@@ -5,7 +5,8 @@
 Full-size GPT-2 124M with random weights (no download). Prints single-stream decode tokens/s of
 (a) transformers in one process with its KV cache and (b) Generate through tokenizer, router,
 gateway and native nodes as separate processes; the network + orchestration share of token time;
-and the aggregate tokens/s of N concurrent streams.
+and the aggregate tokens/s of N concurrent streams. `synapse bench` (services/bench/) measures all this
+and more in one run; this script is its older, shorter form on the same code.
 """
 
 from __future__ import annotations
@@ -16,54 +17,18 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from services.bench.baseline import TransformersBaseline
+from services.bench.checkpoint import random_gpt2
+from services.bench.stack import single_stream
+from services.bench.suite import PROMPT
 from services.client import SynapseClient
 from services.launcher import Stack
-
-PROMPT = [
-    464,
-    2068,
-    7586,
-    21831,
-    18045,
-    625,
-    262,
-    16931,
-    3290,
-    13,
-]  # "The quick brown fox jumps over the lazy dog."
-
-
-def save_random_gpt2(folder: Path) -> Path:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config()).save_pretrained(folder, safe_serialization=True)
-    return folder
-
-
-def transformers_decode_rate(folder: Path, tokens: int) -> float:
-    """Decode tokens/s of one process: greedy with the KV cache, prefill excluded."""
-    from transformers import GPT2LMHeadModel
-
-    model = GPT2LMHeadModel.from_pretrained(folder).eval()
-    ids = torch.tensor([PROMPT])
-    with torch.inference_mode():
-        for _ in range(2):  # warm-up
-            out = model(ids, use_cache=True)
-        out = model(ids, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        started = time.perf_counter()
-        for _ in range(tokens):
-            out = model(token, past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        return tokens / (time.perf_counter() - started)
 
 
 def stack_stream(client: SynapseClient, tokens: int) -> tuple[float, float]:
@@ -75,48 +40,11 @@ def stack_stream(client: SynapseClient, tokens: int) -> tuple[float, float]:
     return len(decode) / (step_ms / 1e3), overhead_ms / step_ms
 
 
-def histogram_means(url: str) -> dict[tuple[str, tuple], tuple[float, float]]:
-    """(sum, count) of every histogram in a /metrics page, keyed by (name, labels)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode()
-    found: dict[tuple[str, tuple], list[float]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            for suffix, index in (("_sum", 0), ("_count", 1)):
-                if sample.name.endswith(suffix):
-                    key = (sample.name[: -len(suffix)], tuple(sorted(sample.labels.items())))
-                    found.setdefault(key, [0.0, 0.0])[index] = sample.value
-    return {key: (value[0], value[1]) for key, value in found.items()}
-
-
 def overhead_breakdown(stack: Stack, client: SynapseClient, tokens: int) -> list[str]:
-    """Mean ms per decode step and per hop, from the router's and the gateway's own metrics."""
-    names = {
-        "router": [
-            "synapse_router_step_seconds",
-            "synapse_router_step_compute_seconds",
-            "synapse_router_step_overhead_seconds",
-        ],
-        "gateway-0": [
-            "synapse_gateway_hop_round_trip_seconds",
-            "synapse_gateway_hop_compute_seconds",
-            "synapse_gateway_hop_overhead_seconds",
-        ],
-    }
-    before = {name: histogram_means(stack.process(name).metrics_url) for name in names}
-    stack_stream(client, tokens)
-    lines = []
-    for name, metrics in names.items():
-        after = histogram_means(stack.process(name).metrics_url)
-        for (metric, labels), (total, count) in sorted(after.items()):
-            if metric in metrics:
-                old_total, old_count = before[name].get((metric, labels), (0.0, 0.0))
-                if count > old_count:
-                    label = ",".join(f"{k}={v}" for k, v in labels)
-                    mean_ms = (total - old_total) / (count - old_count) * 1e3
-                    lines.append(f"  {metric}{{{label}}}: {mean_ms:.2f} ms")
+    """Mean ms per decode token by part and per hop, from the router's and the gateway's own metrics."""
+    run = single_stream(stack, client, PROMPT, tokens)
+    lines = [f"  per token, {part}: {ms:.2f} ms" for part, ms in run["token_ms"].items()]
+    lines += [f"  per hop, {part}: {ms:.2f} ms" for part, ms in run["hop_ms"].items() if ms is not None]
     return lines
 
 
@@ -135,8 +63,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_random_gpt2(Path(tmp) / "gpt2-random")
-        reference = statistics.median(transformers_decode_rate(folder, args.tokens) for _ in range(args.repeats))
+        folder = random_gpt2(Path(tmp) / "gpt2-random")
+        baseline = TransformersBaseline(str(folder), torch.device("cpu"), torch.float32)
+        reference = baseline.decode_rate(PROMPT, args.tokens, args.repeats)
+        del baseline
         node_env = dict(item.split("=", 1) for item in args.node_env)
         stack = Stack(model=str(folder), workdir=Path(tmp) / "stack", nodes=args.nodes, node_env=node_env)
         with stack, SynapseClient(stack.router_address) as client:

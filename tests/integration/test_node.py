@@ -229,6 +229,31 @@ async def test_agent_reconnects_with_backoff_and_says_hello_again(tmp_path: Path
     assert len(logs("gateway_joined")) == 2
 
 
+@pytest.mark.timeout(60)
+async def test_agent_fails_over_to_its_next_gateway_url_in_turn(tmp_path: Path, logs) -> None:
+    """Two gateway URLs: when the first gateway goes the node joins the second; with both gone it tries them in
+    turn, the delay doubling after each round in which every URL failed."""
+    first, second = await start_running_gateway(), await start_running_gateway()
+    try:
+        urls = f"{first.ws_url},{second.ws_url}"
+        agent = make_agent(urls, "roamer", tmp_path / "cache", reconnect_min_s=0.05, reconnect_max_s=0.4)
+        async with running_agent(agent):
+            assert "roamer" in first.hub.connections
+            await first.stop()
+            await eventually(lambda: "roamer" in second.hub.connections, 5, "the node on its second gateway")
+            await second.stop()
+            await eventually(lambda: len(logs("gateway_unreachable")) >= 8, 10, "tries while both are down")
+    finally:
+        await first.stop()
+        await second.stop()
+    assert [record.url for record in logs("gateway_joined")] == [first.ws_url, second.ws_url]
+    tries = logs("gateway_unreachable")[:8]
+    assert [record.url for record in tries] == [first.ws_url, second.ws_url] * 4
+    # The welcome on the second URL reset the delay; its drop and the first URL's refusal make a round, so the
+    # delay doubles from there, each round (both URLs) at one delay, up to reconnect_max_s.
+    assert [record.retry_s for record in tries] == [0.05, 0.1, 0.1, 0.2, 0.2, 0.4, 0.4, 0.4]
+
+
 @pytest.mark.timeout(30)
 async def test_agent_logs_an_error_from_the_gateway_and_reconnects(tmp_path: Path, logs) -> None:
     """A gateway that refuses the node (error, then close 1008): the agent keeps running and comes back."""

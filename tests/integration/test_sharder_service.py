@@ -279,6 +279,18 @@ async def test_if_none_match_with_the_etag_is_304(sharder: Sharder, tag: str) ->
         assert reply.status == 200
 
 
+async def test_if_range_resumes_only_the_same_file(sharder: Sharder) -> None:
+    """A resume names the bytes it holds by their ETag: the same file sends the rest, another sends it whole."""
+    assignment, data = await planned_shard(sharder)
+    same = {"Range": "bytes=100-", "If-Range": f'"{assignment.sha256}"'}
+    async with sharder.http.get(assignment.shard_url, headers=same) as reply:
+        assert reply.status == 206 and await reply.read() == data[100:]
+    other = {"Range": "bytes=100-", "If-Range": '"another-file"'}
+    async with sharder.http.get(assignment.shard_url, headers=other) as reply:
+        assert reply.status == 200 and "Content-Range" not in reply.headers
+        assert await reply.read() == data
+
+
 async def test_head_sends_the_headers_without_the_body(sharder: Sharder) -> None:
     assignment, data = await planned_shard(sharder)
     async with sharder.http.head(assignment.shard_url) as reply:

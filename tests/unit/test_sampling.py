@@ -14,6 +14,8 @@ from services.sampler.sampling import (
     RequestSampler,
     SamplingParams,
     TokenHistory,
+    _greedy_candidates,
+    _sample_candidates,
     sample_batch,
     sample_next,
 )
@@ -318,3 +320,19 @@ def test_greedy_ignores_top_k_beyond_the_candidates() -> None:
     candidates = Candidates(np.array([0.5, 2.0]), np.array([9, 4]))
     result = sample_next(candidates, SamplingParams(temperature=0, top_k=50), np.random.default_rng(0))
     assert result.token_id == 4
+
+
+def test_greedy_candidates_take_the_general_paths_answer() -> None:
+    """The greedy shortcut over top-K candidates gives exactly what the vectorised pass gives a greedy row:
+    the token (ties in the order sent), its logprob and the alternatives, bit for bit."""
+    rng = np.random.default_rng(0)
+    for trial in range(2000):
+        k = int(rng.integers(1, 80))
+        values = rng.normal(size=k).astype(np.float16).astype(np.float64)
+        if trial % 3 == 0:
+            values[: k // 2] = values[0]  # ties, as f16 rounding makes them
+        token_ids = rng.permutation(50257)[:k].astype(np.int64)
+        top_logprobs = int(rng.integers(0, 6))
+        params = SamplingParams(temperature=0.0, top_logprobs=top_logprobs, top_k=int(rng.integers(0, 5)))
+        general = _sample_candidates(values[None], token_ids[None], [params], [np.random.default_rng(1)], [None])
+        assert _greedy_candidates(values, token_ids, top_logprobs) == general[0]

@@ -19,6 +19,7 @@ import pytest_asyncio
 import wgpu
 from playwright.async_api import Browser, BrowserContext, ConsoleMessage, Page, Request, async_playwright
 
+from services.bench.browser import CHROMIUM, CHROMIUM_ARGS
 from services.common.pb import sharder_pb2_grpc
 from services.common.server import channel
 from services.sharder.__main__ import start_sharder
@@ -33,24 +34,6 @@ from tests.webnode.wgsl_runner import NoAdapter, WgslRunner, request_adapter, re
 # tiny body.
 SHAPE = dict(n_layer=4, n_head=4, n_embd=64, vocab_size=50257, n_positions=64)
 
-CHROMIUM = "/usr/bin/chromium"
-# --enable-unsafe-webgpu alone gives a SwiftShader (Vulkan on the CPU) adapter in headless Chromium; the
-# other WebGPU flags pin that choice, the rest keep the browser quiet, offline and unthrottled.
-CHROMIUM_ARGS = [
-    "--enable-unsafe-webgpu",
-    "--enable-features=Vulkan",
-    "--use-vulkan=swiftshader",
-    "--use-webgpu-adapter=swiftshader",
-    "--disable-vulkan-surface",
-    "--no-sandbox",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-background-timer-throttling",
-    "--disable-renderer-backgrounding",
-    "--disable-backgrounding-occluded-windows",
-]
 PROBE_URL = "http://localhost/__webgpu_probe__"  # answered by a route: a secure context without a server
 PROBE_SCRIPT = """async () => {
   if (!navigator.gpu) return "navigator.gpu is missing";

@@ -17,6 +17,7 @@ from services.common.pb import router_pb2
 from services.launcher import Stack
 from tests.checkpoints import load_reference, make_random_checkpoint
 from tests.e2e.conftest import EXACT_ENV, generate, greedy_reference, wait_for_pipeline
+from tests.e2e.test_speculation import counter
 from tests.webnode.conftest import NodePage, OpenPage, page_url
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(600)]
@@ -42,6 +43,15 @@ def reference(checkpoint_dir: Path) -> torch.nn.Module:
 def stack(checkpoint_dir: Path, tmp_path: Path) -> Iterator[Stack]:
     """Every service as a process, no native node (logs under <tmp_path>/stack/logs)."""
     stack = Stack(model=str(checkpoint_dir), workdir=tmp_path / "stack", nodes=0, env=dict(EXACT_ENV))
+    with stack:
+        yield stack
+
+
+@pytest.fixture
+def speculative_stack(checkpoint_dir: Path, tmp_path: Path) -> Iterator[Stack]:
+    """The same, with the router drafting up to 4 tokens a step (prompt lookup)."""
+    env = {**EXACT_ENV, "SYNAPSE_ROUTER_SPECULATE_TOKENS": "4"}
+    stack = Stack(model=str(checkpoint_dir), workdir=tmp_path / "stack", nodes=0, env=env)
     with stack:
         yield stack
 
@@ -93,3 +103,17 @@ async def test_a_browser_page_and_a_native_node_generate_the_greedy_tokens_of_tr
     state = await page.state()
     assert state["state"] == "ready" and state["stepsServed"] > 0, state
     assert 0 < state["layers"][1] - state["layers"][0] < SHAPE["n_layer"]
+
+
+async def test_browser_pages_check_speculative_drafts_and_keep_the_greedy_tokens(
+    open_page: OpenPage, speculative_stack: Stack, reference
+) -> None:
+    """Drafts through two pages: the first passes PREDICTED on with its activations, the last answers every
+    row; the tokens stay transformers' and some drafts are accepted (fewer steps than tokens)."""
+    stack = speculative_stack
+    pages = [await join(open_page, stack, f"web-{index}") for index in range(2)]
+    await generate_and_compare(stack, reference, 2)
+    for page in pages:
+        assert (await page.state())["stepsServed"] > 0
+    accepted = counter(stack, "synapse_router_spec_accepted_tokens_total")
+    assert accepted > 0, counter(stack, "synapse_router_spec_draft_tokens_total")

@@ -12,8 +12,10 @@ const MAX_SLOTS = 64;
 /**
  * @typedef {{n_layer: number, n_head: number, n_embd: number, vocab_size: number, n_positions: number,
  *   layer_norm_epsilon?: number}} Gpt2Config
- * @typedef {{slot: number, start: number, rows: number, ids?: Int32Array, hidden?: Float32Array}} StepItem
- *   one request of a step: its KV slot, tokens already cached, new rows (token ids or activations)
+ * @typedef {{slot: number, start: number, rows: number, ids?: Int32Array, hidden?: Float32Array,
+ *   predicted?: boolean}} StepItem
+ *   one request of a step: its KV slot, tokens already cached, new rows (token ids or activations), and
+ *   whether the rows after the first are a speculative draft the last stage answers row by row
  * @typedef {{hidden?: Float32Array, values?: Float32Array, ids?: Int32Array, logits?: Float32Array}} StepOutput
  */
 
@@ -96,7 +98,8 @@ export class Gpt2Stage {
 
   /**
    * One step: every item's rows through every layer. Resolves to one output per item: activations
-   * (rows, n_embd), or on the last stage the top-K (or all logits) of the item's last row.
+   * (rows, n_embd), or on the last stage the top-K (or all logits) of the item's last row, or of each of
+   * its rows when `item.predicted` (a speculative draft), row after row in one array.
    * @param {StepItem[]} items
    * @param {{read?: boolean}} options read: false only submits, reading nothing (the benchmark)
    * @returns {Promise<StepOutput[]>}
@@ -126,18 +129,25 @@ export class Gpt2Stage {
       let offset = 0;
       return items.map((item) => ({ hidden: hidden.subarray(offset, (offset += item.rows * C)) }));
     }
+    const answered = items.map((item) => (item.predicted ? item.rows : 1)); // rows through the LM head
+    const m = answered.reduce((total, count) => total + count, 0);
     let last = x;
-    if (items.some((item) => item.rows !== 1)) {
+    if (m !== rows) {
       pass.end();
-      last = this.buffer("last rows", items.length * C * 4);
-      let end = 0;
+      last = this.buffer("last rows", m * C * 4);
+      let [end, at] = [0, 0];
       items.forEach((item, index) => {
         end += item.rows;
-        encoder.copyBufferToBuffer(x, (end - 1) * C * 4, last, index * C * 4, C * 4);
+        const count = answered[index];
+        encoder.copyBufferToBuffer(x, (end - count) * C * 4, last, at * C * 4, count * C * 4);
+        at += count;
       });
       pass = encoder.beginComputePass();
     }
-    return this.head(encoder, pass, last, items.length, read);
+    const outputs = await this.head(encoder, pass, last, m, read);
+    if (!read || m === items.length) return outputs;
+    let at = 0;
+    return answered.map((count) => joinRows(outputs.slice(at, (at += count))));
   }
 
   embed(pass, items, rows, x, rowMeta) {
@@ -273,15 +283,23 @@ export class Gpt2Stage {
   }
 }
 
-function concat(arrays, length) {
+/** Typed arrays of one kind back to back (the first itself when alone). */
+function concat(arrays, length = arrays.reduce((total, array) => total + array.length, 0)) {
   if (arrays.length === 1) return arrays[0];
-  const out = new Float32Array(length);
+  const out = new arrays[0].constructor(length);
   let offset = 0;
   for (const array of arrays) {
     out.set(array, offset);
     offset += array.length;
   }
   return out;
+}
+
+/** Head outputs of consecutive rows as one output, each array row after row. */
+function joinRows(outputs) {
+  if (outputs.length === 1) return outputs[0];
+  const join = (key) => concat(outputs.map((output) => output[key]));
+  return outputs[0].logits ? { logits: join("logits") } : { values: join("values"), ids: join("ids") };
 }
 
 function split(array, rows, cols) {

@@ -129,7 +129,8 @@ export class StepRunner {
 
   /** A frame's request as the stage takes it; StepError for the wrong type, shape or token ids. */
   input(stage, frame) {
-    const request = { requestId: frame.requestId, position: frame.position, rows: frame.rows };
+    const predicted = Boolean(frame.flags & syn1.Flag.PREDICTED);
+    const request = { requestId: frame.requestId, position: frame.position, rows: frame.rows, predicted };
     if (stage.isFirst) {
       if (frame.msgType !== syn1.MessageType.TOKENS) {
         throw new StepError(`the first stage takes TOKENS frames, got message type ${frame.msgType}`);
@@ -163,12 +164,20 @@ function wireDtypeOf(stage, frames, wireDtype) {
   return frames[0]?.msgType === syn1.MessageType.OUTPUT ? syn1.DType.F16 : undefined;
 }
 
-/** The output frame of one request: activations, or the top-K (or logits) of its last row. */
+/**
+ * The output frame of one request: activations, or the top-K (or logits) of its last row; of every row
+ * when its rows after the first are a speculative draft (PREDICTED), row i answering position + i.
+ */
 function outputFrame(stage, frame, output) {
   const { requestId, position, rows } = frame;
-  if (!stage.isLast) return syn1.activation({ requestId, position, rows, cols: stage.nEmbd, data: output.hidden });
-  const last = position + rows - 1; // the row's own position: the last input token
-  if (output.logits) return syn1.logits({ requestId, position: last, rows: 1, cols: stage.vocab, data: output.logits });
-  const cols = output.values.length;
-  return syn1.output({ requestId, position: last, rows: 1, cols, values: output.values, tokenIds: output.ids });
+  const predicted = Boolean(frame.flags & syn1.Flag.PREDICTED);
+  if (!stage.isLast) {
+    return syn1.activation({ requestId, position, rows, cols: stage.nEmbd, data: output.hidden, predicted });
+  }
+  const [first, answered] = predicted ? [position, rows] : [position + rows - 1, 1]; // a row's own position
+  if (output.logits) {
+    return syn1.logits({ requestId, position: first, rows: answered, cols: stage.vocab, data: output.logits });
+  }
+  const cols = output.values.length / answered;
+  return syn1.output({ requestId, position: first, rows: answered, cols, values: output.values, tokenIds: output.ids });
 }
