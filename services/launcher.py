@@ -52,11 +52,14 @@ def free_port() -> int:
 
 
 def free_port_base(nodes: int = 2) -> int:
-    """A port base (services/stack_ports.py) whose whole span is free on 127.0.0.1 now, in the same range."""
+    """A port base (services/stack_ports.py) whose whole span is free on 127.0.0.1 now, in the same range, and
+    none of it handed out before by this process (nor after: the span is reserved as free_port's ports are)."""
     size = stack_ports.span(nodes)
     for _ in range(200):
         base = random.randrange(_PORT_RANGE[0], _PORT_RANGE[1] - size)
-        if all(_free(port) for port in range(base, base + size)):
+        span = range(base, base + size)
+        if not _handed_out.intersection(span) and all(_free(port) for port in span):
+            _handed_out.update(span)
             return base
     raise Unavailable(f"no {size} free ports in a row in {_PORT_RANGE} after 200 tries")
 
