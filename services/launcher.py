@@ -52,11 +52,14 @@ def free_port() -> int:
 
 
 def free_port_base(nodes: int = 2) -> int:
-    """A port base (services/stack_ports.py) whose whole span is free on 127.0.0.1 now, in the same range."""
+    """A port base (services/stack_ports.py) whose whole span is free on 127.0.0.1 now, in the same range, and
+    none of it handed out before by this process (nor after: the span is reserved as free_port's ports are)."""
     size = stack_ports.span(nodes)
     for _ in range(200):
         base = random.randrange(_PORT_RANGE[0], _PORT_RANGE[1] - size)
-        if all(_free(port) for port in range(base, base + size)):
+        span = range(base, base + size)
+        if not _handed_out.intersection(span) and all(_free(port) for port in span):
+            _handed_out.update(span)
             return base
     raise Unavailable(f"no {size} free ports in a row in {_PORT_RANGE} after 200 tries")
 
@@ -104,6 +107,10 @@ class Stack:
     default_ports: bool = False  # the services' documented default ports instead of free ones
     port_base: int | None = None  # every port derived from this base (services/stack_ports.py) instead
     on_spawn: Callable[[Process], None] | None = None  # told of every process as it starts (synapse up prints)
+    # Each process gets SIGTERM when this one dies, even by SIGKILL (services/common/orphan_guard.py). Only
+    # where every process is started from a thread that lives as long as the stack: Linux sends the signal
+    # when the starting thread ends.
+    die_with_parent: bool = False
     # The gateways' join secret, made for this stack; its nodes get a token signed with it. None: open gateways.
     join_secret: str | None = field(default_factory=new_secret)
 
@@ -216,7 +223,9 @@ class Stack:
         env.update({prefix + key: str(value) for key, value in settings.items()})
         log_path = self.workdir / "logs" / f"{name}.log"
         address = f"127.0.0.1:{grpc_port}" if grpc_port else None
-        process = Process(name, _popen(service, env, log_path), log_path, address, int(str(settings["METRICS_PORT"])))
+        process = Process(
+            name, _popen(self._command(service), env, log_path), log_path, address, int(str(settings["METRICS_PORT"]))
+        )
         process.env = env
         self.processes.append(process)
         if self.on_spawn is not None:
@@ -226,11 +235,17 @@ class Stack:
     def start_again(self, process: Process, timeout_s: float = 120.0) -> None:
         """Start a stopped (or killed) process again with the same settings: same ports, same log."""
         assert process.popen.poll() is not None, f"{process.name} is still running"
-        service = process.popen.args[-1].removeprefix("services.")
-        process.popen, process.cleaned = _popen(service, process.env, process.log_path), False  # a new group
+        service = process.popen.args[-1].removeprefix("services.")  # the module is the last argument
+        process.popen, process.cleaned = _popen(self._command(service), process.env, process.log_path), False
         if self.on_spawn is not None:
             self.on_spawn(process)
         self.wait_healthy(timeout_s)
+
+    def _command(self, service: str) -> list[str]:
+        module = f"services.{service}"
+        if self.die_with_parent:
+            return [sys.executable, "-m", "services.common.orphan_guard", str(os.getpid()), module]
+        return [sys.executable, "-m", module]
 
     def _metrics_port(self, name: str, service: str) -> int:
         """A free port, or the port base's; the same for a process started again under its name."""
@@ -311,10 +326,10 @@ class Stack:
         self.stop()
 
 
-def _popen(service: str, env: dict[str, str], log_path: Path) -> subprocess.Popen:
+def _popen(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
     with log_path.open("ab") as log_file:
         return subprocess.Popen(
-            [sys.executable, "-m", f"services.{service}"],
+            command,
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,

@@ -1,8 +1,9 @@
 """`synapse up`: the whole stack on this machine (every service as a process, native nodes), then a demo.
 
 Every service runs in its own session (a terminal's Ctrl-C or hang-up reaches only `synapse up`), so
-`synapse up` stops them all itself on SIGINT, SIGTERM and SIGHUP (a closed terminal): no orphan keeps
-the stack's ports.
+`synapse up` stops them all itself on SIGINT, SIGTERM and SIGHUP (a closed terminal); should it die
+without a word (SIGKILL), each service gets SIGTERM from the kernel (services/common/orphan_guard.py).
+No orphan keeps the stack's ports.
 """
 
 from __future__ import annotations
@@ -90,7 +91,9 @@ def _up(args: argparse.Namespace) -> int:
     from services.launcher import Stack
 
     ports = {"port_base": args.port_base} if args.port_base is not None else {"default_ports": True}
-    stack = Stack(model=args.model, workdir=args.workdir, nodes=args.nodes, on_spawn=_announce, **ports)
+    stack = Stack(
+        model=args.model, workdir=args.workdir, nodes=args.nodes, on_spawn=_announce, die_with_parent=True, **ports
+    )
     _say(f"starting {args.nodes} node(s) and every service; logs in {args.workdir / 'logs'}")
     with stack, SynapseClient(stack.router_address) as client:
         topology = _wait_for_pipeline(client, args.nodes)

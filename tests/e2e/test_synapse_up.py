@@ -116,3 +116,22 @@ def test_two_stacks_side_by_side_and_a_hang_up_leaves_no_child(checkpoint_dir: P
                 if alive(pid):
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(pid, signal.SIGKILL)
+
+
+def test_a_synapse_up_killed_outright_takes_its_stack_with_it(checkpoint_dir: Path, tmp_path: Path) -> None:
+    """No handler runs on SIGKILL: the kernel's parent-death signal stops every service instead."""
+    up = Up(checkpoint_dir, tmp_path / "up", free_port_base(2))
+    try:
+        up.wait_serving()
+        ports = [port for port in range(up.port_base, up.port_base + stack_ports.span(2)) if bound(port)]
+        assert len(up.children) == 7 and all(alive(pid) for pid in up.children.values())
+        up.popen.kill()
+        assert up.popen.wait(30) == -signal.SIGKILL
+        eventually_sync(lambda: not any(alive(pid) for pid in up.children.values()), 30, "every child gone")
+        assert [port for port in ports if bound(port)] == []
+    finally:
+        up.stop()
+        for pid in up.children.values():
+            if alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
