@@ -347,24 +347,46 @@ def _serving(address: str) -> bool:
     return response.status == health_pb2.HealthCheckResponse.SERVING
 
 
+class RedisProcess:
+    """One real redis-server on a fixed port, nothing persisted: start() waits until it accepts connections; it can
+    be stopped (SIGKILL loses everything at once, as a crash would) and started again on the same port."""
+
+    def __init__(self, folder: Path, port: int | None = None) -> None:
+        executable = shutil.which("redis-server")
+        if not executable:
+            raise Unavailable("redis-server is not installed: run `bash ops/setup.sh` (Debian package redis-server)")
+        self.folder, self.port = folder, port or free_port()
+        self.log_path = folder / f"redis-{self.port}.log"
+        self.command = [executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                        "--appendonly", "no", "--dir", str(folder)]  # fmt: skip
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log_file:
+            self.process = subprocess.Popen(
+                self.command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        _wait_listening(self.process, self.port, self.log_path)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(10)
+
+
 @contextlib.contextmanager
 def redis_server(folder: Path, port: int | None = None) -> Iterator[str]:
     """A real redis-server on a free port, nothing persisted; yields its URL once it accepts connections."""
-    executable = shutil.which("redis-server")
-    if not executable:
-        raise Unavailable("redis-server is not installed: run `bash ops/setup.sh` (Debian package redis-server)")
-    port = port or free_port()
-    log_path = folder / f"redis-{port}.log"
-    command = [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-               "--dir", str(folder)]  # fmt: skip
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    server = RedisProcess(folder, port)
+    server.start()
     try:
-        _wait_listening(process, port, log_path)
-        yield f"redis://127.0.0.1:{port}/0"
+        yield server.url
     finally:
-        process.terminate()
-        process.wait(10)
+        server.stop()
 
 
 def _wait_listening(process: subprocess.Popen, port: int, log_path: Path) -> None:
