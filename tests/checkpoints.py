@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import GenerationConfig, GPT2LMHeadModel
 from transformers import GPT2Config as HFGPT2Config
-from transformers import GPT2LMHeadModel
 from transformers.utils import logging as transformers_logging
 
 WEIGHTS_FILE = "model.safetensors"
@@ -98,3 +98,11 @@ class _quiet_transformers:
     def __exit__(self, *exc_info: object) -> None:
         transformers_logging.set_verbosity(self.verbosity)
         transformers_logging.enable_progress_bar()
+
+
+def greedy_reference(model, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    """transformers' generate(), greedy, never stopping early."""
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_tokens, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        output = model.generate(torch.tensor([prompt_ids]), generation_config=config)
+    return output[0, len(prompt_ids) :].tolist()

@@ -61,8 +61,6 @@ def _token_time(scenarios: dict):
 
 
 def _streams(scenarios: dict):
-    import matplotlib.pyplot as plt
-
     lines = {}
     for nodes, by_count in scenarios["streams"]["runs"].items():
         lines[f"stack, {nodes} nodes"] = {int(c): r["tokens_per_s"] for c, r in by_count.items()}
@@ -74,27 +72,16 @@ def _streams(scenarios: dict):
             }
     if not lines:
         return None
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for label, points in lines.items():
-        counts = sorted(points)
-        axes.plot(
-            counts, [points[c] for c in counts], marker="o", label=label, linestyle="--" if "single" in label else "-"
-        )
-    axes.set_xscale("log", base=2)
-    counts = sorted({c for points in lines.values() for c in points})
-    axes.set_xticks(counts, [str(c) for c in counts])
+    figure, axes = _lines_figure(lines)
     axes.set_yscale("log")
     axes.set_xlabel("concurrent streams")
     axes.set_ylabel("aggregate tokens/s")
     axes.set_title("Tokens/s against concurrent streams")
-    axes.legend(fontsize=8)
     axes.grid(True, which="both", alpha=0.3)
     return figure
 
 
 def _prefill(scenarios: dict):
-    import matplotlib.pyplot as plt
-
     lines = {}
     for nodes, by_length in scenarios["prefill"]["runs"].items():
         lines[f"stack, {nodes} nodes"] = {int(n): r["time_to_first_token_ms"] for n, r in by_length.items()}
@@ -103,21 +90,27 @@ def _prefill(scenarios: dict):
         lines["single process (transformers)"] = {int(n): r["ms"] for n, r in by_length.items()}
     if not lines:
         return None
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for label, points in lines.items():
-        lengths = sorted(points)
-        axes.plot(
-            lengths, [points[n] for n in lengths], marker="o", label=label, linestyle="--" if "single" in label else "-"
-        )
-    axes.set_xscale("log", base=2)
-    lengths = sorted({n for points in lines.values() for n in points})
-    axes.set_xticks(lengths, [str(n) for n in lengths])
+    figure, axes = _lines_figure(lines)
     axes.set_xlabel("prompt tokens")
     axes.set_ylabel("time to first token, ms")
     axes.set_title("Prefill")
-    axes.legend(fontsize=8)
     axes.grid(True, alpha=0.3)
     return figure
+
+
+def _lines_figure(lines: dict[str, dict[int, float]]):
+    """One line per label over a log2 x axis ticked at the measured points; single-process lines dashed."""
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for label, points in lines.items():
+        xs = sorted(points)
+        axes.plot(xs, [points[x] for x in xs], marker="o", label=label, linestyle="--" if "single" in label else "-")
+    axes.set_xscale("log", base=2)
+    xs = sorted({x for points in lines.values() for x in points})
+    axes.set_xticks(xs, [str(x) for x in xs])
+    axes.legend(fontsize=8)
+    return figure, axes
 
 
 def _speculation(scenarios: dict):

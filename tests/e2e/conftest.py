@@ -9,10 +9,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
 
 from services.common.pb import router_pb2, router_pb2_grpc
 from services.launcher import Stack
+from tests.checkpoints import greedy_reference as greedy_reference  # the e2e tests import it from here
 from tests.checkpoints import load_reference, make_random_checkpoint
 from tests.redis_server import redis_server
 
@@ -29,16 +29,6 @@ def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def reference(checkpoint_dir: Path):
     return load_reference(checkpoint_dir)
-
-
-def greedy_reference(model, prompt_ids: list[int], max_tokens: int) -> list[int]:
-    """transformers' generate(), greedy, never stopping early."""
-    from transformers import GenerationConfig
-
-    config = GenerationConfig(do_sample=False, max_new_tokens=max_tokens, eos_token_id=None, pad_token_id=0)
-    with torch.no_grad():
-        output = model.generate(torch.tensor([prompt_ids]), generation_config=config)
-    return output[0, len(prompt_ids) :].tolist()
 
 
 @pytest.fixture(scope="session")

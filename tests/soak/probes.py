@@ -27,16 +27,6 @@ def transformers_model(checkpoint: Path):
     return load_reference(checkpoint)
 
 
-def greedy(model, prompt_ids: list[int], max_tokens: int) -> list[int]:
-    """transformers' generate(), greedy, never stopping early."""
-    from transformers import GenerationConfig
-
-    config = GenerationConfig(do_sample=False, max_new_tokens=max_tokens, eos_token_id=None, pad_token_id=0)
-    with torch.no_grad():
-        output = model.generate(torch.tensor([prompt_ids]), generation_config=config)
-    return output[0, len(prompt_ids) :].tolist()
-
-
 async def wait_for_pipeline(stub: router_pb2_grpc.RouterServiceStub, stages: int, timeout_s: float = 180.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

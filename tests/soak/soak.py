@@ -26,7 +26,7 @@ import grpc
 
 from services.common.pb import router_pb2_grpc
 from services.launcher import Stack
-from tests.checkpoints import make_random_checkpoint
+from tests.checkpoints import greedy_reference, make_random_checkpoint
 from tests.soak import probes
 from tests.soak.streams import MODES, Tally, Template, make_templates, run_stream
 
@@ -81,7 +81,7 @@ async def references(
         tokens = [response.token_id for response in responses if response.HasField("token_id")]
         answers.append(tokens)
         if template.greedy:
-            expected = probes.greedy(model, list(template.request.prompt_token_ids.ids), len(tokens))
+            expected = greedy_reference(model, list(template.request.prompt_token_ids.ids), len(tokens))
             if tokens != expected:
                 mismatches.append(f"{template.name}: stack {tokens[:12]}…, transformers {expected[:12]}…")
     return answers, mismatches
